@@ -1,0 +1,82 @@
+"""The one configuration object. Built once (by the CLI or the Python API), validated
+in __post_init__, then passed down; no other module reads the CLI or the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB' / '512MB' / '1e9'-free integers → bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"cannot parse a memory size from {text!r} (examples: 2GiB, 512MB, 1000000)")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class Config:
+    # model
+    model: str | None = None              # HF directory or .gguf file; None → default model
+    model_module: str | None = None       # user Python file registering model classes
+    served_model_name: str | None = None
+    dtype: str = "auto"                   # auto|bfloat16|float16|float32
+    device: str = "cpu"                   # cpu|cuda|auto (resolved in __post_init__)
+    max_model_len: int | None = None      # None → the model's own context length
+    chat_template: str | None = None      # path to a Jinja template overriding the tokenizer's
+    # scheduling / KV cache
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: str | None = None    # bytes ("2GiB") for the KV pool
+    num_kv_blocks: int | None = None      # or an exact block count (wins over kv_cache_memory)
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 1024
+    # execution
+    tensor_parallel_size: int = 1
+    num_threads: int | None = None        # compute threads per rank; None → cores // tp
+    kernel_backend: str = "auto"          # auto|torch|triton
+    enforce_eager: bool = False
+    seed: int = 0
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    guard_metrics: bool = False
+    metrics_compat: str | None = None     # "vllm" also exposes vllm:* families
+    max_request_bytes: int = 4 * 2**20
+    cors_origins: list[str] = field(default_factory=list)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"--device must be cpu, cuda or auto, not {self.device!r}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel backend must be auto, torch or triton, not {self.kernel_backend!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory)  # fail early on a malformed size
+        if self.metrics_compat not in (None, "vllm"):
+            raise ValueError(f"--metrics-compat must be 'vllm', not {self.metrics_compat!r}")
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_memory is None else parse_bytes(self.kv_cache_memory)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)

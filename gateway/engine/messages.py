@@ -1,0 +1,54 @@
+"""Every dataclass that crosses a boundary between the API side and the engine core
+(and, for tensor parallelism, between processes). Plain data only."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gateway.sampling.params import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]   # (token_id, logprob) of the top alternatives, best first
+
+
+@dataclass
+class RequestOutput:
+    """A delta: what one request gained in one engine step."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    logprobs: list[TokenLogprob] | None = None   # one per new token when asked for
+    finished: bool = False
+    finish_reason: str | None = None            # stop | length | abort | error
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0                   # total so far
+    stop_reason: str | int | None = None         # the stop string or token that ended it
+
+
+@dataclass
+class StepStats:
+    """Attached by the engine core to every step, for /metrics."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0          # in this step
+    prefix_cache_queries: int = 0     # tokens looked up in this step
+    prefix_cache_hits: int = 0        # tokens found in this step
+    num_batched_tokens: int = 0       # iteration tokens
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0

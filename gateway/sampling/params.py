@@ -1,0 +1,58 @@
+"""SamplingParams: what one request asks of generation. Validated on construction so
+that every layer above (HTTP, Python API) gets the same errors for the same mistakes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0           # 0 → greedy
+    top_p: float = 1.0
+    top_k: int = 0                     # 0 (or -1) → disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0      # OpenAI: additive, once per present token
+    frequency_penalty: float = 0.0     # OpenAI: additive, times the count in the output
+    repetition_penalty: float = 1.0    # transformers: multiplicative over prompt+output tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None        # None → no logprobs; k → sampled token + top-k alternatives
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k < 0:
+            self.top_k = 0
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
+            (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise SamplingParamsError(name, f"{name} {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SamplingParamsError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
