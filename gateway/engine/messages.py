@@ -38,6 +38,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0                   # total so far
     stop_reason: str | int | None = None         # the stop string or token that ended it
+    first_scheduled_time: float | None = None    # monotonic; when the request first got compute
 
 
 @dataclass

