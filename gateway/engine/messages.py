@@ -53,3 +53,17 @@ class StepStats:
     num_batched_tokens: int = 0       # iteration tokens
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+
+
+@dataclass
+class RequestRecord:
+    """What the API layer knows about a request when it ends; feeds the request histograms."""
+    arrival_time: float                    # monotonic, when the HTTP request was accepted
+    finish_time: float
+    first_scheduled_time: float | None     # from the first RequestOutput
+    token_times: list[float]               # monotonic time of each output token's arrival
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    finish_reason: str                     # stop | length | abort | error
+    n: int = 1
+    max_tokens: int | None = None
