@@ -33,6 +33,7 @@ class Config:
     device: str = "cpu"                   # cpu|cuda|auto (resolved in __post_init__)
     max_model_len: int | None = None      # None → the model's own context length
     chat_template: str | None = None      # path to a Jinja template overriding the tokenizer's
+    cache_dir: str = "~/.cache/gateway"   # converted GGUF models live here
     # scheduling / KV cache
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048

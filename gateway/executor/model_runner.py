@@ -1,0 +1,133 @@
+"""ModelRunner: owns the model weights, the paged KV cache and the sampler on one device.
+
+Start-up order: resolve dtype → build the model on the device → load weights (progress
+bar) → prepack CPU linears → size and allocate the KV cache (logged). Each step:
+flat batch → one forward for all sequences → logits of the sampled rows → sampler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from gateway import kernels
+from gateway.config import Config
+from gateway.executor.batch import build_flat_batch
+from gateway.models import registry
+from gateway.models.loader import ModelSource, iter_weights
+from gateway.sampling.sampler import Sampler, SamplingBatch
+
+log = logging.getLogger("gateway.runner")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_CPU_KV_BYTES = 2 * 2**30
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available "
+                         "(this torch build: " + torch.__version__ + "); use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        # bf16 matmuls run on AMX/AVX512-BF16 through oneDNN; elsewhere fp32 is faster on CPU.
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    return declared if declared in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class StepResult:
+    token_ids: list[int | None]          # aligned with the scheduler output; None = no sample
+    logprobs: list | None                # aligned likewise, TokenLogprob or None
+
+
+class ModelRunner:
+    def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int]):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        kernels.set_backend(config.kernel_backend)
+        model_class, self.arch = registry.resolve(hf_config)
+        self.model = self._load_model(model_class, source)
+        self.block_size = config.block_size
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+
+    def _load_model(self, model_class, source: ModelSource):
+        with torch.device(self.device):
+            model = model_class(self.arch)
+        model.to(self.dtype)
+        model.load_weights(iter_weights(source.directory, self.dtype))
+        model.eval()
+        if self.device.type == "cpu" and hasattr(model, "prepack"):
+            model.prepack()
+        return model
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        a = self.arch
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.8)
+            else:
+                budget = DEFAULT_CPU_KV_BYTES
+        blocks = budget // self.kv_bytes_per_block
+        if blocks < 2:
+            raise ValueError(f"KV cache budget {budget} bytes holds fewer than 2 blocks "
+                             f"({self.kv_bytes_per_block} bytes each)")
+        return int(blocks)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        a = self.arch
+        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
+        log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %.1f MiB (%s)",
+                 num_blocks, self.block_size, num_blocks * self.block_size,
+                 num_blocks * self.kv_bytes_per_block / 2**20, self.dtype)
+        return caches
+
+    @torch.inference_mode()
+    def execute(self, scheduled) -> StepResult:
+        """Run one step for `scheduled` (ScheduledSequence list); sample where a sequence caught up."""
+        batch = build_flat_batch(scheduled, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        tokens: list[int | None] = [None] * len(scheduled)
+        logprobs: list | None = None
+        if batch.sample_rows:
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            seqs = [scheduled[i].seq for i in batch.sample_rows]
+            sampling = SamplingBatch.build(seqs, logits.shape[-1], self.eos_token_ids, self.device)
+            result = self.sampler(logits, sampling)
+            for row, token in zip(batch.sample_rows, result.token_ids):
+                tokens[row] = token
+            if result.logprobs is not None:
+                logprobs = [None] * len(scheduled)
+                for row, entry in zip(batch.sample_rows, result.logprobs):
+                    logprobs[row] = entry
+        return StepResult(tokens, logprobs)

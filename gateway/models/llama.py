@@ -1,0 +1,158 @@
+"""Llama-family decoder (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2 with qkv bias).
+
+Weights use merged projections (q|k|v and gate|up) so each layer runs four matrix
+products; `load_weights` maps Hugging Face tensor names onto them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from gateway import kernels
+from gateway.kernels.metadata import AttentionMetadata
+from gateway.kernels.reference import build_cos_sin_cache
+from gateway.models.arch import ModelArch
+from gateway.models.layers import Linear, PagedAttention, RMSNorm
+
+# HF checkpoint projection name → (our merged module, shard)
+_MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+           "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, cos_sin_cache: torch.Tensor):
+        super().__init__()
+        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.qkv_proj = Linear(arch.hidden_size, q_size + 2 * kv_size, bias=arch.qkv_bias,
+                               shard_sizes={"q": q_size, "k": kv_size, "v": kv_size})
+        self.o_proj = Linear(q_size, arch.hidden_size)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size,
+                                   shard_sizes={"gate": arch.intermediate_size, "up": arch.intermediate_size})
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size)
+        self.attn = PagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim, cos_sin_cache)
+
+    def forward(self, positions, hidden, residual, meta, kv_cache):
+        hidden, residual = self.input_layernorm(hidden, residual)
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        hidden = self.o_proj(self.attn(positions, q, k, v, meta, kv_cache))
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden = self.down_proj(kernels.silu_and_mul(self.gate_up_proj(hidden)))
+        return hidden, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.arch = arch
+        cos_sin = build_cos_sin_cache(arch.head_dim, arch.max_position_embeddings, arch.inv_freq,
+                                      arch.attention_scaling)
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.cos_sin_cache) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype/device) must keep the rotary table float32 and shared by every layer.
+        super()._apply(fn, *args, **kwargs)
+        self.cos_sin_cache = self.cos_sin_cache.float()
+        for layer in self.layers:
+            layer.attn.cos_sin_cache = self.cos_sin_cache
+        return self
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, meta, kv_cache)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def prepack(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+
+    # ---- weights -------------------------------------------------------------------------
+    def checkpoint_names(self) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor name this model expects, with its shape (for check-model)."""
+        names = {}
+        for name, _ in self._targets():
+            module, attr, shard = self._resolve(name)
+            param = getattr(module, attr)
+            shape = tuple(param.shape) if shard is None else (module.shard_offsets[shard][1], *param.shape[1:])
+            names[name] = shape
+        return names
+
+    def _targets(self):
+        a = self.arch
+        yield "model.embed_tokens.weight", None
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}"
+            projections = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            projections += [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]
+            for block, proj in projections:
+                yield f"{p}.{block}.{proj}.weight", None
+                if a.qkv_bias and proj in ("q_proj", "k_proj", "v_proj"):
+                    yield f"{p}.{block}.{proj}.bias", None
+            yield f"{p}.input_layernorm.weight", None
+            yield f"{p}.post_attention_layernorm.weight", None
+        yield "model.norm.weight", None
+        if not a.tie_word_embeddings:
+            yield "lm_head.weight", None
+
+    def _resolve(self, name: str) -> tuple[nn.Module, str, str | None]:
+        """HF tensor name → (our module, parameter attribute, shard or None)."""
+        match = _LAYER_RE.match(name)
+        if match:
+            layer = self.layers[int(match.group(1))]
+            proj, attr = match.group(3), match.group(4)
+            if proj in _MERGED:
+                merged, shard = _MERGED[proj]
+                return getattr(layer, merged), attr, shard
+            return getattr(layer, proj), attr, None
+        short = name.removeprefix("model.")
+        module_path, attr = short.rsplit(".", 1)
+        return self.get_submodule(module_path), attr, None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors in; returns the names loaded. Unknown names raise."""
+        expected = dict(self._targets())
+        loaded = set()
+        for name, tensor in weights:
+            if name not in expected:
+                if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                    continue   # some tied checkpoints still carry a copy
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                raise ValueError(f"unexpected weight {name!r} for {self.arch.architecture}")
+            module, attr, shard = self._resolve(name)
+            if isinstance(module, Linear):
+                module.load_shard(attr, shard, tensor)
+            else:
+                param = getattr(module, attr)
+                if param.shape != tensor.shape:
+                    raise ValueError(f"shape mismatch for {name}: model {tuple(param.shape)}, "
+                                     f"checkpoint {tuple(tensor.shape)}")
+                param.data.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{more}")
+        return loaded
