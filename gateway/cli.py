@@ -49,7 +49,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM server")
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM server", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     _add_model_args(serve)

@@ -1,0 +1,146 @@
+"""The /openapi.json document (OpenAPI 3.1), written by hand.
+
+The request-body schemas describe exactly what gateway/api/protocol.py accepts: the same field
+names (tests/test_api_app.py checks the sets match), `additionalProperties: false` because
+unknown fields are 400s, and the same ranges. Pure data: building it has no side effects."""
+
+from __future__ import annotations
+
+from gateway.api.protocol import MAX_CHOICES, MAX_LOGPROBS, MAX_STOP
+
+_INT, _NUM, _BOOL, _STR = {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "string"}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_SAMPLING = {
+    "model": {**_STR, "description": "must be the served model name when given"},
+    "max_tokens": {**_INT, "minimum": 1, "description": "default: the rest of the context window"},
+    "n": {**_INT, "minimum": 1, "maximum": MAX_CHOICES, "default": 1},
+    "stream": {**_BOOL, "default": False},
+    "stream_options": {"type": "object", "additionalProperties": False,
+                       "properties": {"include_usage": _BOOL}, "description": "only with stream=true"},
+    "temperature": {**_NUM, "minimum": 0, "default": 1},
+    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+    "top_k": {**_INT, "minimum": -1, "default": 0, "description": "0 or -1 disable"},
+    "min_p": {**_NUM, "minimum": 0, "maximum": 1, "default": 0},
+    "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2, "default": 0},
+    "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2, "default": 0},
+    "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "default": 1},
+    "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                   "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100},
+                   "description": "token id (as a string) → bias; ids must be in the vocabulary"},
+    "seed": {**_INT, "description": "choice i of n uses seed + i"},
+    "stop": {"anyOf": [{**_STR, "minLength": 1},
+                       {"type": "array", "items": {**_STR, "minLength": 1}, "maxItems": MAX_STOP}]},
+    "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0}},
+    "ignore_eos": {**_BOOL, "default": False},
+    "min_tokens": {**_INT, "minimum": 0, "default": 0},
+    "skip_special_tokens": {**_BOOL, "default": True},
+    "user": {**_STR, "description": "accepted, unused"},
+    "metadata": {"type": "object", "description": "accepted, unused"},
+    "store": {"const": False, "description": "only false: nothing is stored"},
+}
+_NULLABLE_SAMPLING = {k: _nullable(v) for k, v in _SAMPLING.items()}
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+              "properties": {"type": {"const": "text"}, "text": _STR}}
+_MESSAGE = {
+    "type": "object", "required": ["role", "content"], "additionalProperties": False,
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"], "description": "developer → system"},
+        "content": {"anyOf": [_STR, {"type": "array", "items": _TEXT_PART}]},
+    },
+}
+_TOKEN_IDS = {"type": "array", "items": {**_INT, "minimum": 0}, "minItems": 1}
+
+CHAT_REQUEST = {
+    "type": "object", "required": ["messages"], "additionalProperties": False,
+    "properties": {
+        **_NULLABLE_SAMPLING,
+        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+        "max_completion_tokens": _nullable({**_INT, "minimum": 1}),
+        "logprobs": _nullable(_BOOL),
+        "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": MAX_LOGPROBS,
+                                   "description": "requires logprobs=true"}),
+    },
+}
+COMPLETION_REQUEST = {
+    "type": "object", "required": ["prompt"], "additionalProperties": False,
+    "properties": {
+        **_NULLABLE_SAMPLING,
+        "prompt": {"anyOf": [_STR, _TOKEN_IDS, {"type": "array", "minItems": 1,
+                                                "items": {"anyOf": [_STR, _TOKEN_IDS]}}]},
+        "echo": _nullable(_BOOL),
+        "logprobs": _nullable({**_INT, "minimum": 0, "maximum": MAX_LOGPROBS,
+                               "description": "not together with echo"}),
+        "best_of": _nullable({**_INT, "description": "must equal n"}),
+        "suffix": _nullable({**_STR, "maxLength": 0, "description": "only empty"}),
+    },
+}
+TOKENIZE_REQUEST = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"model": _STR, "prompt": _STR, "add_special_tokens": _BOOL,
+                   "messages": {"type": "array", "items": _MESSAGE, "minItems": 1}},
+    "description": "exactly one of prompt or messages (messages get the chat template)",
+}
+DETOKENIZE_REQUEST = {"type": "object", "required": ["tokens"], "additionalProperties": False,
+                      "properties": {"model": _STR, "tokens": {"type": "array", "items": {**_INT, "minimum": 0}}}}
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": _STR, "type": _STR, "param": _nullable(_STR), "code": _nullable(_STR)}}}}
+_ANY = {"type": "object"}
+
+
+def _op(summary: str, body: str | None = None, ok: str = "application/json", errors=(400,)) -> dict:
+    op: dict = {"summary": summary, "responses": {"200": {"description": "OK", "content": {ok: {"schema": _ANY}}}}}
+    for status in (*errors, 401):
+        op["responses"][str(status)] = {"description": "error",
+                                        "content": {"application/json": {"schema": _ref("Error")}}}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+_GEN_ERRORS = (400, 404, 413, 429, 500, 503)
+
+
+def build_openapi(model_name: str, version: str) -> dict:
+    stream = "application/json"   # text/event-stream when stream=true
+    paths = {
+        "/v1/chat/completions": {"post": _op("Chat completion (SSE when stream=true)", "ChatCompletionRequest",
+                                             stream, _GEN_ERRORS)},
+        "/v1/completions": {"post": _op("Text completion (SSE when stream=true)", "CompletionRequest",
+                                        stream, _GEN_ERRORS)},
+        "/v1/models": {"get": _op("The served model", errors=())},
+        "/v1/models/{model}": {"get": {**_op("One model", errors=(404,)), "parameters": [
+            {"name": "model", "in": "path", "required": True, "schema": _STR}]}},
+        "/tokenize": {"post": _op("Prompt or messages → token ids", "TokenizeRequest", errors=(400, 404, 413))},
+        "/detokenize": {"post": _op("Token ids → text", "DetokenizeRequest", errors=(400, 404, 413))},
+        "/health": {"get": {"summary": "Liveness: 200 unless the engine loop has died (503)",
+                            "responses": {"200": {"description": "alive"}, "503": {"description": "engine dead"}}}},
+        "/ready": {"get": {"summary": "Readiness: 200 when the engine can serve; body has kv_blocks_in_use",
+                           "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/version": {"get": _op("Server version", errors=())},
+        "/metrics": {"get": _op("Prometheus exposition", ok="text/plain", errors=(404,))},
+        "/openapi.json": {"get": _op("This document", errors=())},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gateway", "version": version,
+                 "description": f"OpenAI-compatible server for model `{model_name}`."},
+        "paths": paths,
+        "components": {
+            "schemas": {"ChatCompletionRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST,
+                        "TokenizeRequest": TOKENIZE_REQUEST, "DetokenizeRequest": DETOKENIZE_REQUEST,
+                        "Error": ERROR},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }

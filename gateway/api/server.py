@@ -1,0 +1,82 @@
+"""`serve(config) -> int`: the `gateway serve` command.
+
+Order of side effects: configure logging → load the model (AsyncEngine.from_config, blocking;
+its step listener forwards to the metrics created right after, because the metrics are
+labelled with the served model name the engine derives) → create ServerMetrics → build the
+app → run uvicorn (one worker, asyncio loop, httptools when installed else h11, access log off).
+uvicorn's lifespan starts the engine loop inside its event loop; after the socket is bound we
+log the URL and the served model name. SIGINT/SIGTERM → graceful shutdown → the lifespan
+shuts the engine down. Returns the process exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+
+import uvicorn
+
+from gateway.api.app import build_app
+from gateway.config import Config
+
+log = logging.getLogger("gateway.api")
+GRACEFUL_SHUTDOWN_S = 10   # long streams are cut after this on SIGTERM
+
+
+class _StepForwarder:
+    """The engine's step listener; forwards to the metrics once they exist."""
+
+    def __init__(self) -> None:
+        self.target = None
+
+    def __call__(self, stats) -> None:
+        if self.target is not None:
+            self.target.on_step(stats)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, url: str, model_name: str):
+        super().__init__(config)
+        self.url, self.model_name = url, model_name
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info("gateway serving model %r at %s (OpenAI base URL %s/v1)", self.model_name, self.url, self.url)
+
+
+def _uvicorn_config(app, config: Config) -> uvicorn.Config:
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return uvicorn.Config(app, host=config.host, port=config.port, loop="asyncio", http=http, workers=1,
+                          access_log=False, log_level=config.log_level, lifespan="on",
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gateway.engine.async_engine import AsyncEngine   # heavy: torch, transformers
+    from gateway.metrics import ServerMetrics
+
+    forwarder = _StepForwarder()
+    engine = AsyncEngine.from_config(config, step_listener=forwarder)
+    metrics = ServerMetrics(engine.model_name, compat_vllm=config.metrics_compat == "vllm",
+                            max_model_len=engine.max_model_len)
+    forwarder.target = metrics
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    server = _Server(_uvicorn_config(build_app(engine, config, metrics), config),
+                     f"http://{host}:{config.port}", engine.model_name)
+    try:
+        server.run()
+    except SystemExit as exc:   # uvicorn exits this way when it cannot bind the port
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if not server.started:   # the lifespan never ran its shutdown: free workers ourselves
+            _shutdown_quietly(engine)
+    return 0 if server.started else 1
+
+
+def _shutdown_quietly(engine) -> None:
+    try:
+        asyncio.run(engine.shutdown())
+    except Exception:
+        log.warning("engine shutdown after a failed start raised", exc_info=True)

@@ -1,0 +1,201 @@
+"""AsyncEngine: the API side's handle on the engine. The EngineCore runs in one daemon
+thread (torch releases the GIL while it computes, so the event loop stays responsive);
+the event loop talks to it through an inbox and gets each step's outputs back in one
+call_soon_threadsafe.
+
+Order of side effects: from_config loads the model (blocking) → start() launches the
+loop thread, which runs a one-token warm-up before it reports ready → generate() posts
+requests and yields deltas → a consumer that stops early aborts its request → shutdown()."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from gateway.config import Config
+from gateway.engine.core import EngineCore
+from gateway.engine.errors import EngineDeadError, QueueFullError, RequestRejectedError
+from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
+from gateway.sampling.params import SamplingParams
+
+log = logging.getLogger("gateway.engine")
+
+
+class AsyncEngine:
+    def __init__(self, config: Config, core: EngineCore,
+                 step_listener: Callable[[StepStats], None] | None = None):
+        self.config = config
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.model_name = config.served_model_name or core.source.name
+        self.max_model_len = core.max_model_len
+        self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
+        self._step_listener = step_listener
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._ready = False
+        self._dead: BaseException | None = None
+        self._latest_stats = StepStats(num_total_blocks=core.runner.num_blocks,
+                                       num_free_blocks=core.runner.num_blocks)
+
+    @classmethod
+    def from_config(cls, config: Config, step_listener=None) -> "AsyncEngine":
+        return cls(config, EngineCore(config), step_listener)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="gateway-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def is_ready(self) -> bool:
+        return self._ready and self.is_alive
+
+    def stats(self) -> StepStats:
+        return self._latest_stats
+
+    def num_kv_blocks_in_use(self) -> int:
+        s = self.core.scheduler
+        return s.num_total_blocks - s.num_free_blocks
+
+    # ---- the loop thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._warm_up()
+            self._ready = True
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.core.has_work:
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                outputs, stats = self.core.step()
+                self._latest_stats = stats
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                if self._step_listener is not None:
+                    self._step_listener(stats)
+        except BaseException as exc:  # the loop must never die silently
+            log.error("engine loop crashed:\n%s", traceback.format_exc())
+            self._dead = exc
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _warm_up(self) -> None:
+        """One real token through the whole path: readiness means 'can produce a token'."""
+        request_id = f"warmup-{uuid.uuid4().hex}"
+        self.core.add_request(EngineRequest(request_id, [self._any_token()], SamplingParams(max_tokens=1, temperature=0)))
+        while request_id in self.core.requests:
+            self.core.step()
+
+    def _any_token(self) -> int:
+        return next(iter(self.core.eos_token_ids), 0)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.core.add_request(payload)
+                except Exception as exc:  # a poisoned request fails alone
+                    self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, exc)
+            else:
+                output = self.core.abort(payload)
+                if output is not None:
+                    self._loop.call_soon_threadsafe(self._dispatch, [output])
+
+    # ---- event-loop side -----------------------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:   # late outputs for gone requests are dropped
+                q.put_nowait(out)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError(f"the engine stopped: {exc!r}"))
+
+    def _check_admission(self, request: EngineRequest) -> None:
+        if self._dead is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise EngineDeadError("the engine is not running")
+        if len(self._queues) >= self.config.max_waiting_requests + self.config.max_num_seqs:
+            raise QueueFullError(f"too many requests in flight ({len(self._queues)}); retry later")
+        prompt_len, max_tokens = len(request.prompt_token_ids), request.params.max_tokens
+        if prompt_len + max_tokens > self.max_model_len:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                f"for the completion).", "max_tokens")
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        self._check_admission(request)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = q
+        self._inbox.put(("add", request))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    # ---- tokenizer helpers (event loop) --------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("this model has no chat template; start the server with --chat-template FILE")
+        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+

@@ -1,0 +1,167 @@
+"""EngineCore: the step loop's state, run by one thread and touched by no other.
+
+Construction order: user model module → model source → config + tokenizer → model runner
+(weights, KV cache) → scheduler sized to the KV cache. Each `step()`: schedule → execute
+→ scheduler.update → per sequence that got a token: detokenize, check stop conditions,
+finish (freeing blocks at once) → RequestOutput deltas + StepStats."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gateway.config import Config
+from gateway.engine.detokenizer import IncrementalDetokenizer
+from gateway.engine.errors import RequestRejectedError
+from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
+from gateway.executor.model_runner import ModelRunner
+from gateway.models import registry
+from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
+from gateway.scheduler.scheduler import Scheduler
+from gateway.scheduler.sequence import Sequence
+
+log = logging.getLogger("gateway.engine")
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    sent_first: bool = False
+
+
+def _eos_ids(hf_config, tokenizer, gen_defaults: dict) -> set[int]:
+    ids: set[int] = set()
+    for value in (gen_defaults.get("eos_token_id"), getattr(hf_config, "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+class EngineCore:
+    def __init__(self, config: Config):
+        self.config = config
+        torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        if config.model_module:
+            registry.load_model_module(config.model_module)
+        self.source = resolve_source(config.model, Path(config.cache_dir).expanduser())
+        hf_config = load_hf_config(self.source)
+        self.tokenizer = load_tokenizer(self.source)
+        self.eos_token_ids = _eos_ids(hf_config, self.tokenizer, generation_defaults(self.source))
+        self.runner = ModelRunner(config, self.source, hf_config, self.eos_token_ids)
+        self.max_model_len = self._decide_max_model_len()
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            max_model_len=self.max_model_len, num_blocks=self.runner.num_blocks,
+            block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.requests: dict[str, _Tracked] = {}
+
+    def _decide_max_model_len(self) -> int:
+        arch = self.runner.arch
+        limit = arch.max_position_embeddings
+        if arch.sliding_window:
+            limit = min(limit, arch.sliding_window)
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {self.config.max_model_len} exceeds the model's "
+                             f"context length {limit}")
+        return self.config.max_model_len
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> None:
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise RequestRejectedError("the prompt is empty", "prompt")
+        if prompt_len + request.params.max_tokens > self.max_model_len:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{request.params.max_tokens} for the completion).", "max_tokens")
+        vocab = self.runner.arch.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(t < 0 or t >= vocab for t in request.params.logit_bias):
+            raise RequestRejectedError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params,
+                       arrival_time=request.arrival_time)
+        self.scheduler.add(seq)
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params)
+        self.requests[request.request_id] = _Tracked(seq, detok)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        tracked = self.requests.pop(request_id, None)
+        if tracked is None:
+            return None     # already finished: late aborts are dropped
+        self.scheduler.abort(request_id)
+        return self._output(tracked, [], "", None, finished=True, reason="abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> tuple[list[RequestOutput], StepStats]:
+        plan = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if plan.scheduled:
+            result = self.runner.execute(plan.scheduled)
+            self.scheduler.update(plan, result.token_ids)
+            for i, entry in enumerate(plan.scheduled):
+                token = result.token_ids[i]
+                if token is None:
+                    continue
+                logprob = result.logprobs[i] if result.logprobs is not None else None
+                outputs.append(self._advance(entry.seq, token, logprob))
+        return outputs, self._stats(plan)
+
+    def _advance(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        tracked = self.requests[seq.request_id]
+        params = seq.params
+        reason, stop_reason, text = None, None, ""
+        if token in self.eos_token_ids and not params.ignore_eos:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        else:
+            text, stop_string = tracked.detokenizer.step([token])
+            if stop_string is not None:
+                reason, stop_reason = "stop", stop_string
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if not isinstance(stop_reason, str):   # a stop string cuts the held-back tail instead
+                text += tracked.detokenizer.flush()
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return self._output(tracked, [token], text, [logprob] if logprob is not None else None,
+                            finished=reason is not None, reason=reason, stop_reason=stop_reason)
+
+    def _output(self, tracked: _Tracked, tokens, text, logprobs, finished, reason, stop_reason=None) -> RequestOutput:
+        seq = tracked.seq
+        out = RequestOutput(
+            request_id=seq.request_id, new_token_ids=tokens, new_text=text, logprobs=logprobs,
+            finished=finished, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens,
+            stop_reason=stop_reason)
+        if not tracked.sent_first:
+            out.first_scheduled_time = seq.first_scheduled_time
+            tracked.sent_first = True
+        return out
+
+    def _stats(self, plan) -> StepStats:
+        s = self.scheduler
+        return StepStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
+            num_preemptions=plan.num_preemptions, prefix_cache_queries=plan.prefix_cache_queries,
+            prefix_cache_hits=plan.prefix_cache_hits, num_batched_tokens=plan.num_batched_tokens,
+            num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks)
+

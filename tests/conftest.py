@@ -1,0 +1,54 @@
+"""Shared fixtures: the default model's converted directory, tiny random-weight models of
+each supported architecture (with the default model's tokenizer), and free ports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from gateway.models.loader import resolve_source
+    return resolve_source(None, Path("~/.cache/gateway").expanduser()).directory
+
+
+def make_tiny_model(target: Path, tokenizer_dir: Path, architecture: str = "llama", shard: bool = False,
+                    **overrides) -> Path:
+    """A random-weight model directory with real tokenizer files; small enough for CPU tests."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    common.update(overrides)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[architecture]
+    model = model_cls(config_cls(**common)).eval()
+    model.save_pretrained(target, max_shard_size="500KB" if shard else "2GB")
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, target / name)
+    return target
+
+
+@pytest.fixture
+def tiny_model(tmp_path, default_model_dir):
+    def build(architecture: str = "llama", shard: bool = False, **overrides) -> Path:
+        return make_tiny_model(tmp_path / f"{architecture}-model", default_model_dir, architecture, shard, **overrides)
+    return build
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,140 @@
+"""Scheduler properties under random interleavings of add / step / abort / finish.
+
+A shadow KV cache records, for every slot the model writes, the exact prefix whose last
+token's key/value it would hold. The invariants then say: no block leaks or is freed
+twice, each block's ref count is the number of running sequences whose table holds it,
+every computed token of every running sequence reads the right KV (so prefix-cache hits
+and shared blocks are correct), the budget and max_num_seqs hold each step, a step with
+work pending schedules something, and aborting everything frees every block."""
+
+from collections import Counter
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from gateway.scheduler.kv_cache_manager import block_hashes
+from gateway.scheduler.scheduler import Scheduler, SchedulerOutput
+from gateway.scheduler.sequence import Sequence
+
+tokens = st.integers(0, 1)
+# Prompts start with a slice of one shared text, so prefix-cache hits are common.
+SHARED_TEXT = [1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 1, 0]
+prompts = st.builds(lambda shared, own: SHARED_TEXT[:shared] + own,
+                    st.integers(0, len(SHARED_TEXT)), st.lists(tokens, max_size=8)).filter(bool)
+
+
+@st.composite
+def scheduler_configs(draw) -> dict:
+    block_size = draw(st.integers(1, 4))
+    num_blocks = draw(st.integers(2, 12))
+    max_num_seqs = draw(st.integers(1, 4))
+    return dict(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=draw(st.integers(max_num_seqs, 12)),
+        max_model_len=draw(st.integers(max(2, num_blocks * block_size // 2), num_blocks * block_size)),
+        num_blocks=num_blocks,
+        block_size=block_size,
+        enable_prefix_caching=draw(st.booleans()),
+    )
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(config=scheduler_configs())
+    def start(self, config):
+        self.scheduler = Scheduler(**config)
+        self.block_size = config["block_size"]
+        self.kv_slots: dict[int, tuple[int, ...]] = {}   # slot → prefix its KV was computed from
+        self.num_added = 0
+
+    def unfinished(self) -> list[Sequence]:
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+    @rule(new_prompts=st.lists(prompts, min_size=1, max_size=3))
+    def add(self, new_prompts):
+        for prompt in new_prompts:
+            prompt = prompt[: self.scheduler.max_model_len]
+            self.scheduler.add(Sequence(f"r{self.num_added}", prompt))
+            self.num_added += 1
+
+    @rule(num_steps=st.integers(1, 3), sampled=st.lists(tokens, min_size=12, max_size=12))
+    def steps(self, num_steps, sampled):
+        for _ in range(num_steps):
+            self.step(sampled)
+
+    def step(self, sampled: list[int]) -> None:
+        had_work = self.scheduler.has_unfinished
+        output = self.scheduler.schedule()
+        assert output.num_batched_tokens <= self.scheduler.max_num_batched_tokens
+        assert self.scheduler.num_running <= self.scheduler.max_num_seqs
+        assert bool(output.scheduled) == had_work, "work was pending but nothing was scheduled"
+        self.run_model(output)
+        self.scheduler.update(output, [sampled[i] if row.samples else None
+                                       for i, row in enumerate(output.scheduled)])
+        for row in output.scheduled:            # the engine's length check
+            if row.seq.num_tokens >= self.scheduler.max_model_len and not row.seq.is_finished:
+                self.scheduler.finish(row.seq, "length")
+
+    def run_model(self, output: SchedulerOutput) -> None:
+        """Write the shadow KV of every new token; no slot is written twice in a step."""
+        written = set()
+        for row in output.scheduled:
+            seq = row.seq
+            assert len(seq.block_table) * self.block_size >= row.start_position + row.num_new_tokens
+            for position in range(row.start_position, row.start_position + row.num_new_tokens):
+                slot = self.slot(seq, position)
+                assert slot not in written
+                written.add(slot)
+                self.kv_slots[slot] = tuple(seq.token_ids[: position + 1])
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    @precondition(lambda self: self.scheduler.has_unfinished)
+    @rule(data=st.data())
+    def abort(self, data):
+        seq = data.draw(st.sampled_from(self.unfinished()))
+        assert self.scheduler.abort(seq.request_id) is seq
+        assert seq.block_table == [] and seq.finish_reason == "abort"
+
+    @precondition(lambda self: self.scheduler.num_running > 0)
+    @rule(data=st.data())
+    def finish(self, data):
+        seq = data.draw(st.sampled_from(list(self.scheduler.running)))
+        self.scheduler.finish(seq, "stop")
+        assert seq.block_table == [] and seq.is_finished
+
+    @invariant()
+    def every_block_is_held_by_exactly_the_running_sequences_that_list_it(self):
+        pool = self.scheduler.block_pool
+        pool.check_invariants()
+        held = Counter(b for seq in self.scheduler.running for b in seq.block_table)
+        assert [pool.ref_count(b) for b in range(pool.num_blocks)] == [held[b] for b in range(pool.num_blocks)]
+        assert pool.num_free_blocks + len(held) == pool.num_blocks
+        for seq in self.scheduler.waiting:
+            assert seq.block_table == [] and seq.num_computed_tokens == 0
+
+    @invariant()
+    def every_computed_token_reads_the_kv_of_its_own_prefix(self):
+        caching = self.scheduler.block_pool.enable_prefix_caching
+        for seq in self.scheduler.running:
+            assert seq.num_computed_tokens < seq.num_tokens <= self.scheduler.max_model_len
+            for position in range(seq.num_computed_tokens):
+                assert self.kv_slots[self.slot(seq, position)] == tuple(seq.token_ids[: position + 1])
+            expected_hashes = block_hashes(seq.token_ids[: seq.num_computed_tokens], self.block_size)
+            assert seq.block_hashes == (expected_hashes if caching else [])
+
+    def teardown(self):
+        if not hasattr(self, "scheduler"):
+            return
+        for seq in self.unfinished():
+            self.scheduler.abort(seq.request_id)
+        assert self.scheduler.num_free_blocks == self.scheduler.num_total_blocks
+        assert not self.scheduler.has_unfinished
+        self.scheduler.block_pool.check_invariants()
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestSchedulerProperties = SchedulerMachine.TestCase
