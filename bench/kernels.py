@@ -80,8 +80,9 @@ def attention_case(args, seqs, num_decodes):
     shape = (num_blocks, args.block_size, args.kv_heads, args.head_dim)
     k_cache = torch.randn(shape, device=args.device).to(args.dtype)
     v_cache = torch.randn(shape, device=args.device).to(args.dtype)
-    q = torch.randn(meta.query_start_loc_cpu[-1], args.heads, args.head_dim, device=args.device).to(args.dtype)
-    kv_bytes = 2 * sum(ctx for _, ctx in seqs) * args.kv_heads * args.head_dim * k_cache.element_size()
+    num_tokens = meta.query_start_loc_cpu[-1]
+    q = torch.randn(num_tokens, args.heads, args.head_dim, device=args.device).to(args.dtype)
+    kv_bytes = 2 * sum(c for _, c in seqs) * args.kv_heads * args.head_dim * k_cache.element_size()
     call = lambda ops: ops.paged_attention(q, k_cache, v_cache, meta, args.head_dim ** -0.5)  # noqa: E731
     return call, kv_bytes + 2 * q.numel() * q.element_size()
 
@@ -104,16 +105,18 @@ def build_cases(args) -> list[tuple[str, str, object, int]]:
     decode, decode_bytes = attention_case(args, [(1, args.context)] * args.batch, args.batch)
     chunk = (args.prefill_len, args.prefix_len + args.prefill_len)
     prefill, prefill_bytes = attention_case(args, [chunk] * args.prefill_seqs, 0)
+    heads = f"H{args.heads}/{args.kv_heads}"
     return [
-        ("paged_attention decode", f"{args.batch}x{args.context} H{args.heads}/{args.kv_heads}", decode, decode_bytes),
-        ("paged_attention prefill", f"{args.prefill_seqs}x{chunk[0]}+{args.prefix_len}", prefill, prefill_bytes),
+        ("paged_attention decode", f"{args.batch}x{args.context} {heads}", decode, decode_bytes),
+        ("paged_attention prefill", f"{args.prefill_seqs}x{chunk[0]}+{args.prefix_len} {heads}",
+         prefill, prefill_bytes),
         ("store_kv", f"T{t}", lambda ops: ops.store_kv(k, k, *caches, slots), 4 * k.numel() * esz),
         ("rms_norm", f"T{t} N{args.hidden}", lambda ops: ops.rms_norm(x, w, 1e-6), 2 * x.numel() * esz),
         ("fused_add_rms_norm", f"T{t} N{args.hidden}",
          lambda ops: ops.fused_add_rms_norm(x, res, w, 1e-6), 4 * x.numel() * esz),
         ("silu_and_mul", f"T{t} I{args.intermediate}", lambda ops: ops.silu_and_mul(gate_up),
          3 * gate_up.numel() // 2 * esz),
-        ("rotary_embedding", f"T{t} H{args.heads}/{args.kv_heads}",
+        ("rotary_embedding", f"T{t} {heads}",
          lambda ops: ops.rotary_embedding(pos, q, k, cos_sin), 2 * (q.numel() + k.numel()) * esz),
     ]
 

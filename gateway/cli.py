@@ -51,10 +51,10 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM server", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server", allow_abbrev=False)
     _add_model_args(serve)
     _add_server_args(serve)
-    gen = sub.add_parser("generate", help="generate a completion for one prompt, streamed to stdout")
+    gen = sub.add_parser("generate", help="generate a completion for one prompt, streamed to stdout", allow_abbrev=False)
     gen.add_argument("prompt")
     gen.add_argument("--model", dest="model_opt", default=None)
     _add_model_args(gen)

@@ -86,7 +86,8 @@ class FakeEngine:
                     raise EngineDeadError("engine died")
                 token = ord("a") + ((p.seed or 0) + i) % 26
                 last = i == p.max_tokens - 1
-                lp = None if p.logprobs is None else [TokenLogprob(token, -0.5, [(token, -0.5), (ord("z"), -3.0)][:p.logprobs])]
+                top = [(token, -0.5), (ord("z"), -3.0)][:p.logprobs or 0]
+                lp = None if p.logprobs is None else [TokenLogprob(token, -0.5, top)]
                 done = last
                 yield RequestOutput(request.request_id, [token], chr(token), lp, finished=last,
                                     finish_reason="length" if last else None,
@@ -219,7 +220,8 @@ def test_completion_with_echo_and_token_prompt():
 
 def test_completion_logprobs_shape():
     _, client = make()
-    lp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    body = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}).json()
+    lp = body["choices"][0]["logprobs"]
     assert lp == {"tokens": ["a", "b", "c"], "token_logprobs": [-0.5] * 3,
                   "top_logprobs": [{"a": -0.5}, {"b": -0.5}, {"c": -0.5}], "text_offset": [0, 1, 2]}
 

@@ -144,6 +144,7 @@ CHAT_ERRORS = [
     (dict(logit_bias={"abc": 1}), 400, "logit_bias"),
     (dict(logit_bias={"100": 1}), 400, "logit_bias"),
     (dict(logit_bias={"-1": 1}), 400, "logit_bias"),
+    (dict(logit_bias={"5_0": 1}), 400, "logit_bias"),
     (dict(logit_bias={"5": 101}), 400, "logit_bias"),
     (dict(logit_bias={"5": "x"}), 400, "logit_bias"),
     (dict(min_tokens=10, max_tokens=5), 400, "min_tokens"),

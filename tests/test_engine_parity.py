@@ -27,16 +27,19 @@ def hf_greedy(model_dir, prompt_ids: list[list[int]], new_tokens: int) -> list[l
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode():   # plain greedy with transformers' KV cache, never stopping at EOS
         for ids in prompt_ids:
-            full = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                                  min_new_tokens=new_tokens, pad_token_id=0)
-            outs.append(full[0, len(ids):].tolist())
+            out = model(torch.tensor([ids]), use_cache=True)
+            tokens = [int(out.logits[0, -1].argmax())]
+            for _ in range(new_tokens - 1):
+                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+            outs.append(tokens)
     return outs
 
 
 def run_engine(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     return [r.token_ids for r in llm.generate(prompt_ids, params)]
 
 
@@ -60,7 +63,7 @@ def test_greedy_matches_under_chunked_prefill_and_preemption(default_fp32, defau
     # 12 blocks x 4 tokens cannot hold 8 sequences of ~10-25 tokens: forces preemption;
     # a 16-token budget forces the longer prompts to prefill in chunks.
     small = LLM(str(default_model_dir), dtype="float32", num_kv_blocks=14, block_size=4,
-                max_num_batched_tokens=16, max_num_seqs=8)
+                max_num_batched_tokens=16, max_num_seqs=8, max_model_len=48)
     stats = []
     original_step = small.core.step
 

@@ -11,15 +11,16 @@ from gateway.sampling.sampler import Sampler, SamplingBatch, _sorted_thresholds,
 from gateway.scheduler.sequence import Sequence
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DRAWS = ["race", "inverse_cdf"]
 
 
 def seq(params: P, prompt=(1,), output=()) -> Sequence:
     return Sequence("r", list(prompt) + list(output), params, num_prompt_tokens=len(prompt))
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos=(), device="cpu"):
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos=(), device="cpu", draw="auto"):
     batch = SamplingBatch.build(seqs, logits.shape[1], set(eos), device)
-    return Sampler()(logits.to(device), batch)
+    return Sampler(draw)(logits.to(device), batch)
 
 
 def probs_logits(*probs: float) -> torch.Tensor:
@@ -47,33 +48,34 @@ def test_sampler_leaves_callers_logits_untouched():
     assert torch.equal(logits, before)
 
 
-def test_draws_follow_the_softmax_distribution():
+@pytest.mark.parametrize("draw", DRAWS)
+def test_draws_follow_the_softmax_distribution(draw):
     n = 8000
-    out = sample(rows(probs_logits(0.5, 0.25, 0.125, 0.125), n), [seq(P()) for _ in range(n)])
+    out = sample(rows(probs_logits(0.5, 0.25, 0.125, 0.125), n), [seq(P()) for _ in range(n)], draw=draw)
     freq = torch.bincount(torch.tensor(out.token_ids), minlength=4).float() / n
     assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.125, 0.125]), atol=0.025)
 
 
-def _seeded_run(seed: int, steps: int, logits_row: torch.Tensor, company: int) -> list[int]:
+def _seeded_run(seed: int, steps: int, logits_row: torch.Tensor, company: int, draw="auto") -> list[int]:
     """Sample `steps` tokens for one seeded request placed at row `company` of a batch
     whose other rows are unseeded random requests at other output positions."""
     target = seq(P(seed=seed))
     for _ in range(steps):
         others = [seq(P(temperature=1.3), output=[2] * (i + 3)) for i in range(company)]
         batch_seqs = others[: company // 2] + [target] + others[company // 2:]
-        out = sample(rows(logits_row, len(batch_seqs)), batch_seqs)
+        out = sample(rows(logits_row, len(batch_seqs)), batch_seqs, draw=draw)
         target.append_token(out.token_ids[company // 2])
     return target.output_token_ids
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_seed_reproduces_tokens_alone_and_inside_any_batch(device):
+@pytest.mark.parametrize("draw", DRAWS)
+def test_seed_reproduces_tokens_alone_and_inside_any_batch(draw):
     flat = torch.zeros(2000)
-    alone = _seeded_run(7, 12, flat, company=0)
-    assert _seeded_run(7, 12, flat, company=5) == alone
-    assert _seeded_run(7, 12, flat, company=9) == alone
+    alone = _seeded_run(7, 12, flat, company=0, draw=draw)
+    assert _seeded_run(7, 12, flat, company=5, draw=draw) == alone
+    assert _seeded_run(7, 12, flat, company=9, draw=draw) == alone
     assert len(set(alone)) > 6                      # noise moves with the output position
-    assert _seeded_run(8, 12, flat, company=0) != alone
+    assert _seeded_run(8, 12, flat, company=0, draw=draw) != alone
 
 
 def test_seed_depends_on_output_position_so_resume_after_preemption_matches():
@@ -93,9 +95,10 @@ def test_top_k_1_is_greedy_even_at_high_temperature(device):
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
-def test_top_k_keeps_exactly_the_k_best_tokens():
+@pytest.mark.parametrize("draw", DRAWS)
+def test_top_k_keeps_exactly_the_k_best_tokens(draw):
     logits = rows(probs_logits(0.3, 0.25, 0.2, 0.15, 0.1), 3000)
-    out = sample(logits, [seq(P(top_k=3)) for _ in range(3000)])
+    out = sample(logits, [seq(P(top_k=3)) for _ in range(3000)], draw=draw)
     assert set(out.token_ids) == {0, 1, 2}
 
 
@@ -106,8 +109,9 @@ def test_tiny_top_p_is_argmax(device):
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    out = sample(rows(probs_logits(0.4, 0.3, 0.2, 0.1), 3000), [seq(P(top_p=0.5)) for _ in range(3000)])
+@pytest.mark.parametrize("draw", DRAWS)
+def test_top_p_keeps_the_smallest_set_reaching_p(draw):
+    out = sample(rows(probs_logits(0.4, 0.3, 0.2, 0.1), 3000), [seq(P(top_p=0.5)) for _ in range(3000)], draw=draw)
     assert set(out.token_ids) == {0, 1}
 
 
@@ -117,12 +121,13 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution():
     assert set(out.token_ids) == {0}
 
 
-def test_top_p_on_a_flat_distribution_reaches_past_the_candidates():
+@pytest.mark.parametrize("draw", DRAWS)
+def test_top_p_on_a_flat_distribution_reaches_past_the_candidates(draw):
     # Falling slowly: the nucleus holds ~1000 tokens, far beyond the 256 topk candidates.
     logit_row = torch.linspace(1.0, 0.0, 2000)
     desc = logit_row.softmax(-1)
     nucleus = int(((desc.cumsum(-1) - desc) < 0.6).sum())
-    out = sample(rows(logit_row, 2000), [seq(P(top_p=0.6)) for _ in range(2000)])
+    out = sample(rows(logit_row, 2000), [seq(P(top_p=0.6)) for _ in range(2000)], draw=draw)
     assert max(out.token_ids) < nucleus
     assert max(out.token_ids) > nucleus - 50
 
@@ -139,9 +144,10 @@ def test_candidate_thresholds_match_a_full_sort(device):
     assert torch.equal(got.isinf(), want.isinf())
 
 
-def test_min_p_drops_tokens_below_fraction_of_the_best():
+@pytest.mark.parametrize("draw", DRAWS)
+def test_min_p_drops_tokens_below_fraction_of_the_best(draw):
     # min_p=0.4 → cutoff 0.4 * 0.5 = 0.2: tokens 2 (0.15) and 3 (0.05) go.
-    out = sample(rows(probs_logits(0.5, 0.3, 0.15, 0.05), 3000), [seq(P(min_p=0.4)) for _ in range(3000)])
+    out = sample(rows(probs_logits(0.5, 0.3, 0.15, 0.05), 3000), [seq(P(min_p=0.4)) for _ in range(3000)], draw=draw)
     assert set(out.token_ids) == {0, 1}
 
 

@@ -92,16 +92,15 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.scheduler.has_unfinished)
     @rule(data=st.data())
-    def abort(self, data):
+    def end_one(self, data):
+        """A client disconnects (abort, running or waiting) or the engine sees a stop."""
         seq = data.draw(st.sampled_from(self.unfinished()))
-        assert self.scheduler.abort(seq.request_id) is seq
-        assert seq.block_table == [] and seq.finish_reason == "abort"
-
-    @precondition(lambda self: self.scheduler.num_running > 0)
-    @rule(data=st.data())
-    def finish(self, data):
-        seq = data.draw(st.sampled_from(list(self.scheduler.running)))
-        self.scheduler.finish(seq, "stop")
+        if seq in self.scheduler.running and data.draw(st.booleans()):
+            self.scheduler.finish(seq, "stop")
+            assert seq.finish_reason == "stop"
+        else:
+            assert self.scheduler.abort(seq.request_id) is seq
+            assert seq.finish_reason == "abort"
         assert seq.block_table == [] and seq.is_finished
 
     @invariant()

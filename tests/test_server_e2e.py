@@ -133,7 +133,8 @@ def test_error_paths(client, model, server):
         client.chat.completions.create(model=model, messages=MSG, temperature=-1)
     assert info.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=MSG, tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(model=model, messages=MSG,
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
     assert info.value.param == "tools"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=MSG, max_tokens=MAX_MODEL_LEN)
@@ -141,7 +142,8 @@ def test_error_paths(client, model, server):
     bad = httpx.post(server + "/v1/chat/completions", content=b"{not json", timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "BadRequestError"
     # ...and the server still serves afterwards
-    assert client.chat.completions.create(model=model, messages=MSG, max_tokens=2).choices[0].message.content is not None
+    after = client.chat.completions.create(model=model, messages=MSG, max_tokens=2)
+    assert after.choices[0].message.content
 
 
 def test_32_concurrent_streams_all_complete(server, model):
@@ -173,9 +175,19 @@ def test_a_client_disconnecting_mid_stream_frees_its_kv_blocks(server, model):
         frames = 0
         for line in response.iter_lines():
             frames += line.startswith("data: ")
-            if frames >= 5:
-                break
-        assert _blocks_in_use(server) > 0   # it is generating while we are connected
+            if frames == 5:
+                assert _blocks_in_use(server) > 0   # it is generating while we are connected
+                break   # leaving iter_lines early closes the connection: the disconnect
+    deadline = time.monotonic() + 30
+    while _blocks_in_use(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _blocks_in_use(server) == 0
+
+
+def test_a_non_streamed_client_timing_out_frees_its_kv_blocks(server, model):
+    body = {"model": model, "messages": MSG, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 30
     while _blocks_in_use(server) and time.monotonic() < deadline:
         time.sleep(0.2)

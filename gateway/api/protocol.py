@@ -124,10 +124,9 @@ def _stops(body: dict, info: ModelInfo) -> tuple[list[str], list[int]]:
 def _logit_bias(body: dict, info: ModelInfo) -> dict[int, float]:
     bias = {}
     for key, value in get(body, "logit_bias", "object", {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise invalid("logit_bias", f"`logit_bias` keys must be token ids, got {key!r}") from None
+        if not (key.isascii() and key.isdigit()):   # int() would also take "+5", " 5", "5_0"
+            raise invalid("logit_bias", f"`logit_bias` keys must be token ids, got {key!r}")
+        token = int(key)
         if not 0 <= token < info.vocab_size or not _CHECKS["number"](value):
             raise invalid("logit_bias", f"`logit_bias` {key!r}: ids must be in [0, {info.vocab_size}) "
                                         "with numeric biases")
@@ -160,7 +159,8 @@ def _common(body: dict, info: ModelInfo, logprobs: int | None, max_tokens: int |
     kwargs["stop"], kwargs["stop_token_ids"] = _stops(body, info)
     kwargs["logit_bias"] = _logit_bias(body, info)
     try:   # validate now so range errors need no tokenization; max_tokens is re-checked later
-        params = SamplingParams(max_tokens=info.max_model_len if max_tokens is None else max_tokens, logprobs=logprobs, **kwargs)
+        limit = info.max_model_len if max_tokens is None else max_tokens
+        params = SamplingParams(max_tokens=limit, logprobs=logprobs, **kwargs)
     except SamplingParamsError as exc:
         raise invalid(rename.get(exc.param, exc.param), str(exc)) from None
     include_usage = (options or {}).get("include_usage") or False

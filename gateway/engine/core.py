@@ -69,8 +69,11 @@ class EngineCore:
         limit = arch.max_position_embeddings
         if arch.sliding_window:
             limit = min(limit, arch.sliding_window)
+        capacity = self.runner.num_blocks * self.config.block_size
         if self.config.max_model_len is None:
-            return limit
+            if capacity < limit:
+                log.warning("max_model_len lowered from %d to the KV cache's %d tokens", limit, capacity)
+            return min(limit, capacity)
         if self.config.max_model_len > limit:
             raise ValueError(f"--max-model-len {self.config.max_model_len} exceeds the model's "
                              f"context length {limit}")

@@ -104,7 +104,7 @@ class IncrementalDetokenizer:
 
     def _earliest_stop(self, text: str) -> tuple[int, str] | None:
         found = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
-        return found[0] if found else None
+        return min(found, key=lambda hit: (hit[0], len(hit[1]))) if found else None
 
     def _partial_stop_length(self, text: str) -> int:
         """Length of the longest suffix of `text` that begins some stop string: that much

@@ -116,6 +116,16 @@ def all_specs(quick: bool = False) -> list[Spec]:
     return specs
 
 
+def _describe(exc: BaseException) -> str:
+    """The exception chain, innermost last: a CompilationError names the call site while
+    its __cause__ holds the reason (e.g. the tl.dot shape check)."""
+    parts = []
+    while exc is not None and len(parts) < 5:
+        parts.append(f"{type(exc).__name__}: {exc}"[-1500:])
+        exc = exc.__cause__ or exc.__context__
+    return "\n--- caused by ---\n".join(parts)
+
+
 def compile_spec(spec: Spec, arch: int) -> dict:
     """Compile one spec; report the last stage reached, shared memory and any error."""
     signature, attrs = _signature(spec)
@@ -126,7 +136,7 @@ def compile_spec(spec: Spec, arch: int) -> dict:
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
     except Exception as exc:    # report every failure, keep compiling the rest
-        return dict(result, ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        return dict(result, ok=False, error=_describe(exc))
     stages = [s for s in ("ttir", "ttgir", "llir", "ptx", "cubin") if s in compiled.asm]
     shared = compiled.metadata.shared
     limit = SHARED_LIMIT.get(arch)

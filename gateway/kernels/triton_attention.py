@@ -17,13 +17,17 @@ are widened to fp32 right after tl.load, because the interpreter computes bf16 d
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 # Read once, at the moment the kernels below are decorated: that is what decides whether they
 # run interpreted, so the operand dtype must follow the same value.
-INTERPRET = bool(triton.knobs.runtime.interpret)
+# (triton.knobs appeared in 3.4; older releases read the variable directly.)
+_knobs = getattr(triton, "knobs", None)
+INTERPRET = bool(_knobs.runtime.interpret) if _knobs else os.environ.get("TRITON_INTERPRET") == "1"
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LOG2E = 1.4426950408889634

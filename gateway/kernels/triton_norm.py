@@ -54,15 +54,17 @@ def launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
     """Returns (normed, summed or None). Output dtypes follow the reference's promotion."""
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.is_contiguous()
-    summed_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    xs = _rows(x)
-    rs = _rows(residual) if residual is not None else xs
-    out = torch.empty(x.shape, dtype=torch.promote_types(summed_dtype, weight.dtype), device=x.device)
-    summed = torch.empty(x.shape, dtype=summed_dtype, device=x.device) if residual is not None else None
-    outs, sums = out.view(-1, hidden), (summed.view(-1, hidden) if summed is not None else out.view(-1, hidden))
+    fused = residual is not None
+    summed_dtype = torch.promote_types(x.dtype, residual.dtype) if fused else x.dtype
+    out_dtype = torch.promote_types(summed_dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    summed = torch.empty(x.shape, dtype=summed_dtype, device=x.device) if fused else None
+    xs, outs = _rows(x), out.view(-1, hidden)
+    rs = _rows(residual) if fused else xs               # unread placeholders when not fused
+    sums = summed.view(-1, hidden) if fused else outs
     if xs.shape[0] == 0:
         return out, summed
-    consts, opts = norm_config(hidden, summed_dtype, residual is not None)
+    consts, opts = norm_config(hidden, summed_dtype, fused)
     _rms_norm_kernel[(xs.shape[0],)](xs, rs, weight, outs, sums, xs.stride(0), rs.stride(0),
                                      outs.stride(0), sums.stride(0), hidden, eps, **consts, **opts)
     return out, summed
