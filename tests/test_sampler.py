@@ -133,22 +133,29 @@ def test_top_p_on_a_flat_distribution_reaches_past_the_candidates(draw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_candidate_thresholds_match_a_full_sort(device):
-    gen = torch.Generator().manual_seed(4)
-    logits = (torch.randn(16, 3000, generator=gen) * torch.rand(16, 1, generator=gen) * 4).to(device)
-    params = [P(top_k=[0, 5, 300, 3000][i % 4], top_p=[1.0, 0.9, 0.3, 0.99][i // 4]) for i in range(16)]
-    batch = SamplingBatch.build([seq(p) for p in params], 3000, set(), device)
+def test_truncation_matches_a_full_sort_for_peaked_and_flat_rows(device):
+    # Scales from 0.001 (flat: the nucleus needs the full sort) to 8 (a few candidates).
+    V, gen = 6000, torch.Generator().manual_seed(4)
+    scale = torch.tensor([0.001, 0.3, 1.0, 8.0]).repeat_interleave(4).unsqueeze(1)
+    logits = (torch.randn(16, V, generator=gen) * scale).to(device)
+    # Every scale meets every setting; 6 rows pass 256 candidates, 3 of those pass 4096 too.
+    settings = [dict(), dict(top_k=5, top_p=0.9), dict(top_p=0.5), dict(top_p=0.99)]
+    params = [P(**settings[(i + i // 4) % 4]) for i in range(16)]
+    batch = SamplingBatch.build([seq(p) for p in params], V, set(), device)
     got = _truncate(logits, batch)
-    top_k = batch.top_k if batch.top_k is not None else torch.full((16, 1), 3000, device=device)
+    top_k = batch.top_k if batch.top_k is not None else torch.full((16, 1), V, device=device)
     want = logits.masked_fill(logits < _sorted_thresholds(logits, top_k, batch.top_p), float("-inf"))
     assert torch.equal(got.isinf(), want.isinf())
+    assert (~got.isinf()).sum() < 16 * V / 2          # the rows really were truncated
 
 
 @pytest.mark.parametrize("draw", DRAWS)
 def test_min_p_drops_tokens_below_fraction_of_the_best(draw):
-    # min_p=0.4 → cutoff 0.4 * 0.5 = 0.2: tokens 2 (0.15) and 3 (0.05) go.
-    out = sample(rows(probs_logits(0.5, 0.3, 0.15, 0.05), 3000), [seq(P(min_p=0.4)) for _ in range(3000)], draw=draw)
-    assert set(out.token_ids) == {0, 1}
+    # min_p=0.4 → cutoff 0.4 * 0.5 = 0.2: tokens 2 (0.15) and 3 (0.05) go; the rest renormalise.
+    n = 8000
+    out = sample(rows(probs_logits(0.5, 0.3, 0.15, 0.05), n), [seq(P(min_p=0.4)) for _ in range(n)], draw=draw)
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=4).float() / n
+    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.025)
 
 
 def test_presence_penalty_is_subtracted_once_per_present_output_token():

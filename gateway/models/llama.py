@@ -23,6 +23,18 @@ _MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": (
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
+RESCORED_CANDIDATES = 16
+
+
+def rescore_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """16-bit logits come out quantized (steps of 0.125 near 20), which makes near-ties at the
+    top arbitrary and greedy output depend on batch shape. Recompute the top candidates of
+    each row exactly in fp32, in place: a [B, 16] product instead of a full fp32 LM head."""
+    top = logits.topk(RESCORED_CANDIDATES, dim=-1).indices                 # [B, k]
+    exact = torch.bmm(weight[top].float(), hidden.float().unsqueeze(-1)).squeeze(-1)
+    logits.scatter_(1, top, exact)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, cos_sin_cache: torch.Tensor):
         super().__init__()
@@ -81,7 +93,10 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if hidden.dtype != torch.float32:
+            rescore_top_logits(logits, hidden, self.lm_head.weight)
+        return logits
 
     def prepack(self) -> None:
         for module in self.modules():
