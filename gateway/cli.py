@@ -28,6 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--num-threads", type=int, default=None, help="compute threads per rank")
+    p.add_argument("--tp-comm", default="auto", choices=["auto", "shm", "gloo", "nccl"],
+                   help="tensor-parallel collectives (auto: shared memory on CPU, NCCL on CUDA)")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file")
@@ -45,7 +47,40 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting-requests", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20)
     p.add_argument("--cors-origin", action="append", default=[])
+    p.add_argument("--cors-allow-methods", action="append", default=None,
+                   help="comma-separated or repeatable (default: *)")
+    p.add_argument("--cors-allow-headers", action="append", default=None,
+                   help="comma-separated or repeatable (default: *)")
+    p.add_argument("--cors-allow-credentials", action="store_true")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds from arrival before a request is aborted (408); "
+                        "the X-Request-Timeout header can only shorten it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-sessions", type=int, default=64, help="live chat sessions (/v1/sessions)")
+    p.add_argument("--session-ttl", type=float, default=1800.0,
+                   help="seconds an idle chat session lives before it is dropped")
+    p.add_argument("--session-kv-budget-blocks", type=int, default=None,
+                   help="KV blocks chat sessions may keep pinned (default: half the KV cache)")
+
+
+def _add_chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="chat in the terminal, in-process or with a server (--url)",
+                          allow_abbrev=False)
+    chat.add_argument("--url", default=None, help="base URL of an OpenAI-compatible server (e.g. http://host:8000)")
+    chat.add_argument("--api-key", default=None, help="for --url (default: $OPENAI_API_KEY)")
+    chat.add_argument("--model", dest="model_opt", default=None, help="model path, or the model name with --url")
+    _add_model_args(chat)
+    chat.add_argument("--max-history", type=int, default=None, help="keep only the last N turns")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+
+def _chat_options(args: argparse.Namespace, environ) -> dict:
+    """The chat command's own options (the engine's are in the Config)."""
+    return dict(url=args.url, api_key=args.api_key or environ.get("OPENAI_API_KEY"),
+                model_name=args.model_opt or args.model, max_history=args.max_history,
+                temperature=args.temperature, max_tokens=args.max_tokens, system=args.system)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
+    _add_chat_parser(sub)
     check = sub.add_parser("check-model", help="check a model directory against its registered class")
     check.add_argument("path")
     check.add_argument("--model-module", default=None)
@@ -77,6 +113,12 @@ def _api_keys(args: argparse.Namespace, environ: dict) -> list[str]:
     return keys
 
 
+def _csv(values: list[str] | None, default: list[str]) -> list[str]:
+    if values is None:
+        return list(default)
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
 def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> Config:
     """The one place where argv and the environment become a Config."""
     environ = os.environ if environ is None else environ
@@ -88,7 +130,7 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> C
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tp,
-        num_threads=args.num_threads, kernel_backend=args.kernel_backend,
+        num_threads=args.num_threads, tp_comm=args.tp_comm, kernel_backend=args.kernel_backend,
         enforce_eager=args.enforce_eager, chat_template=args.chat_template, seed=args.seed)
     if args.command == "serve":
         fields.update(
@@ -96,7 +138,11 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> C
             api_keys=_api_keys(args, environ), guard_metrics=args.guard_metrics,
             metrics_compat=args.metrics_compat, max_waiting_requests=args.max_waiting_requests,
             max_request_bytes=args.max_request_bytes, cors_origins=args.cors_origin,
-            log_level=args.log_level)
+            cors_allow_methods=_csv(args.cors_allow_methods, ["*"]),
+            cors_allow_headers=_csv(args.cors_allow_headers, ["*"]),
+            cors_allow_credentials=args.cors_allow_credentials, request_timeout=args.request_timeout,
+            log_level=args.log_level, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
+            session_kv_budget_blocks=args.session_kv_budget_blocks)
     return Config(**fields)
 
 
@@ -110,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from gateway.api.server import serve
             return serve(config)
+        if args.command == "chat":
+            from gateway.chat import chat_command
+            return chat_command(config, _chat_options(args, environ=os.environ))
         if args.command == "generate":
             from gateway.engine.llm import generate_command
             return generate_command(config, args.prompt, args.max_tokens, args.temperature, not args.no_chat)

@@ -45,6 +45,7 @@ class Config:
     # execution
     tensor_parallel_size: int = 1
     num_threads: int | None = None        # compute threads per rank; None → cores // tp
+    tp_comm: str = "auto"                 # tensor-parallel collectives: auto|shm|gloo|nccl
     kernel_backend: str = "auto"          # auto|torch|triton
     enforce_eager: bool = False
     seed: int = 0
@@ -56,7 +57,15 @@ class Config:
     metrics_compat: str | None = None     # "vllm" also exposes vllm:* families
     max_request_bytes: int = 4 * 2**20
     cors_origins: list[str] = field(default_factory=list)
+    cors_allow_methods: list[str] = field(default_factory=lambda: ["*"])
+    cors_allow_headers: list[str] = field(default_factory=lambda: ["*"])
+    cors_allow_credentials: bool = False
+    request_timeout: float | None = None  # seconds from arrival; expiry aborts the request (408)
     log_level: str = "info"
+    # server-side chat sessions (gateway/api/sessions.py)
+    max_sessions: int = 64                # live sessions; one more → 429
+    session_ttl_s: float = 1800.0         # idle sessions are unpinned and dropped after this
+    session_kv_budget_blocks: int | None = None   # KV blocks sessions may pin; None → half the pool
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -72,6 +81,16 @@ class Config:
             raise ValueError("max_model_len must be >= 2")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)  # fail early on a malformed size
+        if self.max_sessions < 0 or self.session_ttl_s <= 0:
+            raise ValueError("max_sessions must be >= 0 and session_ttl_s > 0")
+        if self.session_kv_budget_blocks is not None and self.session_kv_budget_blocks < 0:
+            raise ValueError("session_kv_budget_blocks must be >= 0")
+        if self.max_waiting_requests < 0:
+            raise ValueError("max_waiting_requests must be >= 0")
+        if self.request_timeout is not None and not 0 < self.request_timeout < float("inf"):
+            raise ValueError(f"--request-timeout must be a positive number of seconds, not {self.request_timeout!r}")
+        if self.tp_comm not in ("auto", "shm", "gloo", "nccl"):
+            raise ValueError(f"--tp-comm must be auto, shm, gloo or nccl, not {self.tp_comm!r}")
         if self.metrics_compat not in (None, "vllm"):
             raise ValueError(f"--metrics-compat must be 'vllm', not {self.metrics_compat!r}")
 

@@ -48,6 +48,12 @@ def tiny_model(tmp_path, default_model_dir):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
+    """One tiny random-weight llama for the whole session (building one takes ~10 s)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-session") / "llama", default_model_dir)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

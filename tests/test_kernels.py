@@ -107,6 +107,24 @@ def test_split_k_decode_matches_reference_including_empty_splits(num_splits, dty
     torch.testing.assert_close(out, expected, **ATTN_TOL[dtype])
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_padding_rows_are_safe_and_leave_real_rows_exact(splits):
+    # CUDA-graph padding: rows with seq_len 1 or 0 over an all-zero block-table row, and the
+    # split count fixed through meta.decode_splits (replays never see seq_lens_cpu).
+    k_cache, v_cache, meta = make_batch([(1, 40), (1, 1), (1, 1), (1, 70)], 4, 16, 2, 64, FP16)
+    q = random_q(meta, 4, 64, FP16)
+    meta.block_tables[1:3] = 0
+    meta.seq_lens[2] = 0
+    meta.decode_splits = splits
+    meta.seq_lens_cpu = None            # must not be read once decode_splits is set
+    out = torch.full_like(q, float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, out, meta, 0.125)
+    assert torch.isfinite(out).all() and not out[2].any()        # an empty context gives zeros
+    meta.seq_lens_cpu = [40, 1, 0, 70]
+    expected = reference.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(out[[0, 1, 3]], expected[[0, 1, 3]], **ATTN_TOL[FP16])
+
+
 def test_num_splits_fills_the_gpu_only_for_long_contexts():
     assert triton_attention.choose_num_splits(4, 8, 200) == 1
     assert triton_attention.choose_num_splits(1, 8, 4096) == 16

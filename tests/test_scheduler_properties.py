@@ -1,15 +1,16 @@
-"""Scheduler properties under random interleavings of add / step / abort / finish.
+"""Scheduler properties under random interleavings of add / steps / abort or finish.
 
 A shadow KV cache records, for every slot the model writes, the exact prefix whose last
 token's key/value it would hold. The invariants then say: no block leaks or is freed
 twice, each block's ref count is the number of running sequences whose table holds it,
 every computed token of every running sequence reads the right KV (so prefix-cache hits
 and shared blocks are correct), the budget and max_num_seqs hold each step, a step with
-work pending schedules something, and aborting everything frees every block."""
+work pending schedules something, preempted sequences wait at the front with nothing
+computed (and a step that preempts admits nobody), and aborting everything frees every block."""
 
 from collections import Counter
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -64,16 +65,35 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def step(self, sampled: list[int]) -> None:
         had_work = self.scheduler.has_unfinished
+        was_running = {seq.request_id for seq in self.scheduler.running}
         output = self.scheduler.schedule()
         assert output.num_batched_tokens <= self.scheduler.max_num_batched_tokens
         assert self.scheduler.num_running <= self.scheduler.max_num_seqs
         assert bool(output.scheduled) == had_work, "work was pending but nothing was scheduled"
+        self.check_preemptions(output, was_running)
+        assert 0 <= output.prefix_cache_hits <= output.prefix_cache_queries
+        assert all(seq in self.scheduler.waiting for seq in output.preempted)
         self.run_model(output)
         self.scheduler.update(output, [sampled[i] if row.samples else None
                                        for i, row in enumerate(output.scheduled)])
         for row in output.scheduled:            # the engine's length check
             if row.seq.num_tokens >= self.scheduler.max_model_len and not row.seq.is_finished:
                 self.scheduler.finish(row.seq, "length")
+
+    def check_preemptions(self, output: SchedulerOutput, was_running: set[str]) -> None:
+        """Preempted sequences went back to the front of the waiting queue with nothing
+        computed and no blocks, newest first; a step that preempted admitted nobody."""
+        if not output.preempted:
+            return
+        event("preempted")
+        assert output.num_preemptions == len(output.preempted)
+        scheduled = {row.seq.request_id for row in output.scheduled}
+        front = list(self.scheduler.waiting)[: len(output.preempted)]
+        assert front == output.preempted[::-1], "preempted sequences must lead the waiting queue"
+        for seq in output.preempted:
+            assert seq.request_id in was_running and seq.request_id not in scheduled
+            assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.num_preemptions >= 1
+        assert scheduled <= was_running, "a step that preempted admitted a waiting sequence"
 
     def run_model(self, output: SchedulerOutput) -> None:
         """Write the shadow KV of every new token; no slot is written twice in a step."""
@@ -134,6 +154,6 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 SchedulerMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=100, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestSchedulerProperties = SchedulerMachine.TestCase

@@ -3,8 +3,9 @@
 Per generation request, in order: read the body (the body limit applies) → parse and validate
 (protocol.py; 400/404 before any tokenization) → check the engine is alive (503) → tokenize on
 the event loop (fast tokenizer; failures are 400s) → fit max_tokens to the context (400) →
-Job.start() submits the n choices → stream frames (SSEResponse) or collect them while
-watching for a client disconnect → Job.close() aborts what is unfinished and records metrics.
+the deadline (--request-timeout, shortened by an `X-Request-Timeout: <seconds>` header; a bad
+header is a 400) → Job.start() submits the n choices → stream frames (SSEResponse) or collect
+them while watching for a client disconnect → Job.close() aborts what is unfinished and records metrics.
 
 The app's lifespan starts the engine loop (inside uvicorn's event loop, which the engine
 delivers its outputs to) and shuts it down on exit. build_app creates nothing else: the
@@ -60,6 +61,23 @@ async def _read_json(request) -> dict:
     return body
 
 
+def _timeout(request, config: Config) -> float | None:
+    """Seconds this request may take from arrival: the server's limit, or less if the client asks.
+    On expiry the request is aborted and answered 408 (an error frame once streaming): the
+    deadline is a limit, not a server fault, so it stays out of the 5xx that alerting counts."""
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return config.request_timeout
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = float("nan")
+    if not 0 < asked < float("inf"):
+        raise invalid(None, f"X-Request-Timeout must be a positive number of seconds, got {raw!r}",
+                      code="invalid_header")
+    return asked if config.request_timeout is None else min(asked, config.request_timeout)
+
+
 async def _until_disconnect(request, work):
     """Result of `work`, or None if the client disconnects first (work is then cancelled)."""
     async def disconnected() -> None:
@@ -101,7 +119,8 @@ class _API:
                 for p, ids in enumerate(prompts) for i in range(req.n)]
 
     async def _run(self, request, req: P.GenerationRequest, requests, ctx, events, result, arrival):
-        job = Job(self.engine, requests, self.metrics, arrival, req.n, req.max_tokens)
+        job = Job(self.engine, requests, self.metrics, arrival, req.n, req.max_tokens,
+                  _timeout(request, self.config))
         job.start()
         if req.stream:
             refused = await job.refused()
@@ -232,6 +251,8 @@ async def _internal_error(request, exc: Exception) -> Response:
 
 def build_app(engine, config: Config, metrics=None) -> Starlette:
     api = _API(engine, config, metrics)
+    from gateway.api.sessions import SessionRoutes   # here: sessions.py imports this module
+    sessions = SessionRoutes(api, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -239,6 +260,7 @@ def build_app(engine, config: Config, metrics=None) -> Starlette:
         try:
             yield
         finally:
+            await sessions.store.close()   # unpins every session's KV blocks
             await engine.shutdown()
 
     routes = [
@@ -253,6 +275,7 @@ def build_app(engine, config: Config, metrics=None) -> Starlette:
         Route("/version", api.version, methods=["GET"]),
         Route("/metrics", api.metrics_route, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        *sessions.routes(),
     ]
     return Starlette(routes=routes, middleware=build_middleware(config), lifespan=lifespan,
                      exception_handlers={HTTPException: _http_error, Exception: _internal_error})

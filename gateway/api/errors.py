@@ -21,8 +21,9 @@ log = logging.getLogger("gateway.api")
 # Type names follow vLLM's server (and the openai client's exception class names).
 ERROR_TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-    404: "NotFoundError", 405: "MethodNotAllowedError", 413: "RequestTooLargeError",
-    429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError",
+    404: "NotFoundError", 405: "MethodNotAllowedError", 408: "RequestTimeoutError",
+    413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
+    503: "ServiceUnavailableError",
 }
 RETRY_AFTER_SECONDS = "1"   # queue-full is transient: the queue drains at decode speed
 

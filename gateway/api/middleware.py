@@ -1,8 +1,9 @@
 """HTTP middleware, pure ASGI (no Request object built per request): CORS, API keys, body limit.
 
 `build_middleware(config)` returns them outermost first:
-1. CORS (Starlette's CORSMiddleware, only when config.cors_origins is set): outermost, so
-   preflights never need a key and 401/413 answers still carry the CORS headers;
+1. CORS (Starlette's CORSMiddleware, only when config.cors_origins is set; methods, headers
+   and credentials from config.cors_allow_*): outermost, so preflights never need a key and
+   401/413 answers still carry the CORS headers;
 2. APIKeyMiddleware (only when config.api_keys is non-empty): every path except /health and
    /ready — and /metrics unless config.guard_metrics — needs `Authorization: Bearer <key>`;
 3. BodyLimitMiddleware: 413 past config.max_request_bytes, decided from Content-Length before
@@ -101,7 +102,9 @@ def build_middleware(config: Config) -> list[Middleware]:
     middleware = []
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
-                                     allow_methods=["*"], allow_headers=["*"]))
+                                     allow_methods=list(config.cors_allow_methods),
+                                     allow_headers=list(config.cors_allow_headers),
+                                     allow_credentials=config.cors_allow_credentials))
     if config.api_keys:
         middleware.append(Middleware(APIKeyMiddleware, api_keys=list(config.api_keys),
                                      guard_metrics=config.guard_metrics))

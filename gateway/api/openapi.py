@@ -108,16 +108,23 @@ def _op(summary: str, body: str | None = None, ok: str = "application/json", err
     return op
 
 
-_GEN_ERRORS = (400, 404, 413, 429, 500, 503)
+_GEN_ERRORS = (400, 404, 408, 413, 429, 500, 503)
+_TIMEOUT_HEADER = {"name": "X-Request-Timeout", "in": "header", "required": False,
+                   "schema": {**_NUM, "exclusiveMinimum": 0},
+                   "description": "seconds from arrival before the request is aborted with 408 (an error "
+                                  "frame when streaming); can only shorten the server's --request-timeout"}
+
+
+def _generation(summary: str, body: str) -> dict:
+    # 200 is application/json, or text/event-stream when stream=true
+    return {**_op(summary, body, "application/json", _GEN_ERRORS), "parameters": [_TIMEOUT_HEADER]}
 
 
 def build_openapi(model_name: str, version: str) -> dict:
-    stream = "application/json"   # text/event-stream when stream=true
     paths = {
-        "/v1/chat/completions": {"post": _op("Chat completion (SSE when stream=true)", "ChatCompletionRequest",
-                                             stream, _GEN_ERRORS)},
-        "/v1/completions": {"post": _op("Text completion (SSE when stream=true)", "CompletionRequest",
-                                        stream, _GEN_ERRORS)},
+        "/v1/chat/completions": {"post": _generation("Chat completion (SSE when stream=true)",
+                                                     "ChatCompletionRequest")},
+        "/v1/completions": {"post": _generation("Text completion (SSE when stream=true)", "CompletionRequest")},
         "/v1/models": {"get": _op("The served model", errors=())},
         "/v1/models/{model}": {"get": {**_op("One model", errors=(404,)), "parameters": [
             {"name": "model", "in": "path", "required": True, "schema": _STR}]}},

@@ -177,7 +177,7 @@ def _message(i: int, m) -> dict:
     if extra:
         raise invalid(f"{where}.{sorted(extra)[0]}", f"`{where}` has unsupported fields {sorted(extra)}")
     role = m.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:   # an unhashable role must not reach `in`
         raise invalid(f"{where}.role", f"`{where}.role` must be one of {sorted(ROLES)}, got {role!r}")
     content = m.get("content")
     if isinstance(content, str):

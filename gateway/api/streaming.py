@@ -9,7 +9,9 @@ cancellation lands in `send`), the chunk generators and the non-streamed result 
 Order of side effects for a streamed request: Job.start() submits every choice → SSEResponse
 sends the headers → one frame per delta → [DONE] → Job.close(): cancel the pumps (each
 `finally` acloses its engine iterator, which aborts the request and frees its KV blocks),
-engine.abort() for anything unfinished, one metrics record per choice."""
+engine.abort() for anything unfinished, one metrics record per choice.
+A Job with a `timeout` arms one timer at start(); when it fires before the last choice ends,
+next() raises a 408 APIError (an error frame when streaming) and close() aborts the rest."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from gateway.engine.messages import EngineRequest, RequestOutput, RequestRecord,
 
 log = logging.getLogger("gateway.api")
 DONE = b"data: [DONE]\n\n"
+_DEADLINE = object()   # queued by the deadline timer in place of an output
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]   # keep reverse proxies from buffering the stream
 
@@ -65,8 +68,11 @@ class Job:
     """The engine requests of one HTTP request, merged into one stream of deltas."""
 
     def __init__(self, engine, requests: list[EngineRequest], metrics=None,
-                 arrival_time: float | None = None, n: int = 1, max_tokens: int | None = None):
+                 arrival_time: float | None = None, n: int = 1, max_tokens: int | None = None,
+                 timeout: float | None = None):
         self.engine, self.metrics, self.n = engine, metrics, n
+        self.timeout = timeout         # seconds from arrival_time; None: no deadline
+        self._timer: asyncio.TimerHandle | None = None
         self.max_tokens = max_tokens   # as the client asked: None when left to the context
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.states = [ChoiceState(i, r) for i, r in enumerate(requests)]
@@ -78,6 +84,9 @@ class Job:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._pump(s)) for s in self.states]
+        if self.timeout is not None:
+            delay = max(0.0, self.arrival_time + self.timeout - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, (None, _DEADLINE))
 
     async def _pump(self, state: ChoiceState) -> None:
         stream = None
@@ -105,6 +114,9 @@ class Job:
         """The next delta of any choice; None when every choice has ended. Raises engine errors."""
         while self._pending:
             state, item = await self._queue.get()
+            if item is _DEADLINE:
+                raise APIError(408, f"The request did not finish within its deadline of {self.timeout:g} s "
+                                    "and was aborted.", code="request_timeout")
             if item is None:
                 self._pending -= 1
             elif isinstance(item, BaseException):
@@ -124,6 +136,8 @@ class Job:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -5,7 +5,9 @@ call_soon_threadsafe.
 
 Order of side effects: from_config loads the model (blocking) → start() launches the
 loop thread, which runs a one-token warm-up before it reports ready → generate() posts
-requests and yields deltas → a consumer that stops early aborts its request → shutdown()."""
+requests and yields deltas → a consumer that stops early aborts its request → shutdown().
+call_in_engine(fn) runs fn(core) on the loop thread between steps (prefix pins use it), in
+inbox order with adds and aborts."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._queues: dict[str, asyncio.Queue] = {}
+        self._calls: set[asyncio.Future] = set()   # call_in_engine futures not yet resolved
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -122,10 +125,19 @@ class AsyncEngine:
                     self.core.add_request(payload)
                 except Exception as exc:  # a poisoned request fails alone
                     self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, exc)
+            elif kind == "call":
+                self._run_call(*payload)
             else:
                 output = self.core.abort(payload)
                 if output is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, [output])
+
+    def _run_call(self, fn, future: asyncio.Future) -> None:
+        try:
+            result, error = fn(self.core), None
+        except Exception as exc:   # the caller gets it; the loop goes on
+            result, error = None, exc
+        self._loop.call_soon_threadsafe(self._resolve_call, future, result, error)
 
     # ---- event-loop side -----------------------------------------------------------------
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -142,6 +154,17 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for q in self._queues.values():
             q.put_nowait(EngineDeadError(f"the engine stopped: {exc!r}"))
+        for future in list(self._calls):
+            self._resolve_call(future, None, EngineDeadError(f"the engine stopped: {exc!r}"))
+
+    def _resolve_call(self, future: asyncio.Future, result, error: BaseException | None) -> None:
+        self._calls.discard(future)
+        if future.done():   # the caller gave up waiting
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def _check_admission(self, request: EngineRequest) -> None:
         if self._dead is not None or (self._thread is not None and not self._thread.is_alive()):
@@ -181,13 +204,32 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
+    def call_in_engine(self, fn: Callable[[EngineCore], object]) -> asyncio.Future:
+        """Queue fn(core) for the engine thread now (in order with adds and aborts); the
+        returned future resolves with its result or exception."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        future = self._loop.create_future()
+        self._calls.add(future)
+        self._inbox.put(("call", (fn, future)))
+        self._wakeup.set()
+        return future
+
+    def pin_prefix(self, key, token_ids: list[int]) -> asyncio.Future:
+        """Future of the number of KV blocks of token_ids' cached prefix now held for key."""
+        ids = list(token_ids)
+        return self.call_in_engine(lambda core: core.pin_prefix(key, ids))
+
+    def unpin_prefix(self, key) -> asyncio.Future:
+        return self.call_in_engine(lambda core: core.unpin_prefix(key))
+
     # ---- tokenizer helpers (event loop) --------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError("this model has no chat template; start the server with --chat-template FILE")
         text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

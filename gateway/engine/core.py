@@ -3,7 +3,12 @@
 Construction order: user model module → model source → config + tokenizer → model runner
 (weights, KV cache) → scheduler sized to the KV cache. Each `step()`: schedule → execute
 → scheduler.update → per sequence that got a token: detokenize, check stop conditions,
-finish (freeing blocks at once) → RequestOutput deltas + StepStats."""
+finish (freeing blocks at once) → RequestOutput deltas + StepStats.
+The runner comes from executor.create_executor: the ModelRunner itself at tp=1, a
+TensorParallelExecutor (rank 0 here, workers spawned) above; shutdown() stops its workers.
+Prefix pins (chat sessions holding their KV between turns): pin_prefix / unpin_prefix run
+between steps; a step that preempts, or schedules nothing while requests wait, releases the
+least recently pinned prefix, so pins never starve live requests."""
 
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ from gateway.config import Config
 from gateway.engine.detokenizer import IncrementalDetokenizer
 from gateway.engine.errors import RequestRejectedError
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
-from gateway.executor.model_runner import ModelRunner
+from gateway.executor.executor import create_executor
 from gateway.models import registry
 from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
+from gateway.scheduler.prefix_pins import PrefixPins
 from gateway.scheduler.scheduler import Scheduler
 from gateway.scheduler.sequence import Sequence
 
@@ -55,7 +61,14 @@ class EngineCore:
         hf_config = load_hf_config(self.source)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = _eos_ids(hf_config, self.tokenizer, generation_defaults(self.source))
-        self.runner = ModelRunner(config, self.source, hf_config, self.eos_token_ids)
+        self.runner = create_executor(config, self.source, hf_config, self.eos_token_ids)
+        try:
+            self._build_scheduler(config)
+        except BaseException:
+            self.shutdown()   # tensor-parallel workers must not outlive a failed start
+            raise
+
+    def _build_scheduler(self, config: Config) -> None:
         self.max_model_len = self._decide_max_model_len()
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
@@ -63,6 +76,25 @@ class EngineCore:
             max_model_len=self.max_model_len, num_blocks=self.runner.num_blocks,
             block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching)
         self.requests: dict[str, _Tracked] = {}
+        budget = config.session_kv_budget_blocks
+        self.pins = PrefixPins(self.scheduler.block_pool, self.runner.num_blocks // 2 if budget is None else budget)
+
+    # ---- executor lifecycle (tensor-parallel workers; no-ops at tp=1) ----------------------
+    @property
+    def worker_pids(self) -> list[int]:
+        return list(getattr(self.runner, "worker_pids", []))
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError once a tensor-parallel worker has died."""
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:
+            check()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers; idempotent."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def _decide_max_model_len(self) -> int:
         arch = self.runner.arch
@@ -111,9 +143,21 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished
 
+    # ---- prefix pins ---------------------------------------------------------------------
+    def pin_prefix(self, key, token_ids: list[int]) -> int:
+        """Hold the cached full blocks of token_ids (replacing key's previous pin), within
+        the pin budget; returns the number of blocks pinned."""
+        return self.pins.pin(key, token_ids)
+
+    def unpin_prefix(self, key) -> int:
+        return self.pins.unpin(key)
+
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         plan = self.scheduler.schedule()
+        starved = plan.num_preemptions or (not plan.scheduled and self.scheduler.num_waiting)
+        if starved and (key := self.pins.release_oldest()) is not None:
+            log.info("KV cache short: released the pinned prefix of %r", key)
         outputs: list[RequestOutput] = []
         if plan.scheduled:
             result = self.runner.execute(plan.scheduled)
@@ -123,8 +167,22 @@ class EngineCore:
                 if token is None:
                     continue
                 logprob = result.logprobs[i] if result.logprobs is not None else None
-                outputs.append(self._advance(entry.seq, token, logprob))
+                outputs.append(self._advance_or_fail(entry.seq, token, logprob))
         return outputs, self._stats(plan)
+
+    def _advance_or_fail(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        """A failure in one request's own post-processing (detokenizer, stop checks) fails that
+        request alone: its blocks are freed and it ends with finish_reason "error". Failures in
+        the batched forward pass cannot be attributed to a request and still stop the loop."""
+        try:
+            return self._advance(seq, token, logprob)
+        except Exception as exc:
+            log.exception("request %s failed after a step; the other requests continue", seq.request_id)
+            self.requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq, "error")   # idempotent
+            return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
+                                 error=f"{type(exc).__name__}: {exc}", num_prompt_tokens=seq.num_prompt_tokens,
+                                 num_output_tokens=seq.num_output_tokens)
 
     def _advance(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         tracked = self.requests[seq.request_id]

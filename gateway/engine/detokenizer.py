@@ -49,6 +49,8 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self._decode = _decoder(tokenizer, params.skip_special_tokens)
         self._stops = list(dict.fromkeys(params.stop))       # deduplicated, order kept
+        self._stop_starts = {s[0] for s in self._stops}
+        self._longest_stop = max(map(len, self._stops), default=0)
         self._ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self._read = len(self._ids)                            # window[:_read] is context
         self._context_text = self._decode(self._ids)
@@ -109,9 +111,8 @@ class IncrementalDetokenizer:
     def _partial_stop_length(self, text: str) -> int:
         """Length of the longest suffix of `text` that begins some stop string: that much
         must wait, since the next tokens could complete the stop string."""
-        longest = max(len(s) for s in self._stops) - 1
-        for k in range(min(longest, len(text)), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                return k
+        for i in range(max(0, len(text) - self._longest_stop + 1), len(text)):
+            # The set lookup skips most positions before any string comparison.
+            if text[i] in self._stop_starts and any(s.startswith(text[i:]) for s in self._stops):
+                return len(text) - i
         return 0

@@ -1,8 +1,13 @@
 """ModelRunner: owns the model weights, the paged KV cache and the sampler on one device.
 
 Start-up order: resolve dtype → build the model on the device → load weights (progress
-bar) → prepack CPU linears → size and allocate the KV cache (logged). Each step:
-flat batch → one forward for all sequences → logits of the sampled rows → sampler."""
+bar) → prepack CPU linears → size and allocate the KV cache (logged) → on CUDA, capture
+decode CUDA graphs (cuda_graphs.py). Each step: flat batch → one forward for all sequences
+(a graph replay when every sequence decodes) → logits of the sampled rows → sampler.
+As one tensor-parallel rank (a ParallelContext): the model is built as this rank's shard
+and loaded from lazy checkpoint slices, and the KV cache waits for `init_kv_cache(n)`
+with the block count the executor agreed on (the minimum over ranks); logits come back
+gathered on rank 0, which samples, and as None elsewhere (StepResult of Nones)."""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ import torch
 from gateway import kernels
 from gateway.config import Config
 from gateway.executor.batch import build_flat_batch
+from gateway.executor.cuda_graphs import build_cuda_graphs
 from gateway.models import registry
-from gateway.models.loader import ModelSource, iter_weights
+from gateway.models.loader import ModelSource, iter_checkpoint, iter_weights
+from gateway.models.tp_layers import ParallelContext, shard_plan
 from gateway.sampling.sampler import Sampler, SamplingBatch
 
 log = logging.getLogger("gateway.runner")
@@ -58,24 +65,42 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int]):
-        self.config = config
+    def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int],
+                 parallel: ParallelContext | None = None):
+        self.config, self.parallel = config, parallel
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         kernels.set_backend(config.kernel_backend)
         model_class, self.arch = registry.resolve(hf_config)
+        rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
+        self.num_kv_heads = shard_plan(self.arch, rank, world).attention.num_kv_heads   # on this rank
         self.model = self._load_model(model_class, source)
         self.block_size = config.block_size
-        self.num_blocks = self._decide_num_blocks()
-        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        self.num_blocks, self.kv_caches, self.cuda_graphs = 0, [], None
+        if parallel is None:   # tensor-parallel ranks wait for the count agreed over all ranks
+            self.init_kv_cache(self.decide_num_blocks())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = self._allocate_kv_cache(num_blocks)
+        self.cuda_graphs = build_cuda_graphs(self.config, self.device, self.model, self.kv_caches,
+                                             self.arch.max_position_embeddings, self.num_blocks,
+                                             self.block_size)
 
     def _load_model(self, model_class, source: ModelSource):
         with torch.device(self.device):
-            model = model_class(self.arch)
+            if self.parallel is None:
+                model = model_class(self.arch)
+            elif getattr(model_class, "supports_tensor_parallel", False):
+                model = model_class(self.arch, parallel=self.parallel)
+            else:
+                raise ValueError(f"{self.arch.architecture} ({model_class.__name__}) does not support "
+                                 f"tensor parallelism; use --tp 1")
         model.to(self.dtype)
-        model.load_weights(iter_weights(source.directory, self.dtype))
+        weights = iter_checkpoint if self.parallel else iter_weights
+        model.load_weights(weights(source.directory, self.dtype))
         model.eval()
         if self.device.type == "cpu" and hasattr(model, "prepack"):
             model.prepack()
@@ -84,9 +109,10 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
 
-    def _decide_num_blocks(self) -> int:
+    def decide_num_blocks(self) -> int:
+        """What this rank's budget holds (per rank under tensor parallelism)."""
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         budget = self.config.kv_cache_bytes
@@ -104,7 +130,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         a = self.arch
-        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, a.head_dim)
         caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
         log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %.1f MiB (%s)",
@@ -116,11 +142,15 @@ class ModelRunner:
     def execute(self, scheduled) -> StepResult:
         """Run one step for `scheduled` (ScheduledSequence list); sample where a sequence caught up."""
         batch = build_flat_batch(scheduled, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        hidden = self.cuda_graphs.run(batch) if self.cuda_graphs else None    # decode-only steps
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         tokens: list[int | None] = [None] * len(scheduled)
         logprobs: list | None = None
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.logits_indices])
+            if logits is None:   # a tensor-parallel worker: rank 0 samples
+                return StepResult(tokens, None)
             seqs = [scheduled[i].seq for i in batch.sample_rows]
             sampling = SamplingBatch.build(seqs, logits.shape[-1], self.eos_token_ids, self.device)
             result = self.sampler(logits, sampling)

@@ -1,6 +1,7 @@
 """Kernel dispatch: one entry point per kernel. CUDA tensors go to Triton, CPU tensors to
-the torch reference; `set_backend` (called once from the config) can force either, so
-tests can run the Triton path on CPU under TRITON_INTERPRET=1.
+the C kernels (cpu_ops, falling back to the torch reference where they do not apply);
+`set_backend` (called once from the config) can force "torch" (the reference) or "triton",
+so tests can run the Triton path on CPU under TRITON_INTERPRET=1.
 Triton is imported lazily: the CPU path never pays for it."""
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def set_backend(name: str) -> None:
 
 
 def _impl(tensor: torch.Tensor):
-    if _backend == "torch" or (_backend == "auto" and not tensor.is_cuda):
+    if _backend == "torch":
         return reference
+    if _backend == "auto" and not tensor.is_cuda:
+        from gateway.kernels import cpu_ops
+        return cpu_ops if cpu_ops.available() else reference
     from gateway.kernels import triton_ops
     return triton_ops
 

@@ -21,6 +21,9 @@ class AttentionMetadata:
     num_decodes: int
     query_start_loc_cpu: list[int]  # host copies: the CPU path slices with them, no syncs
     seq_lens_cpu: list[int]
+    # Split-K count for the Triton decode kernel; None → chosen per call from seq_lens_cpu.
+    # CUDA graphs fix it per batch bucket, since a replay never sees the host lists.
+    decode_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

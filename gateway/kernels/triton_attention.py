@@ -230,10 +230,12 @@ def prefill_attention(q, k_cache, v_cache, out, meta, scale: float) -> None:
 
 
 def decode_attention(q, k_cache, v_cache, out, meta, scale: float, num_splits: int | None = None) -> None:
-    """Writes out[:num_decodes]; num_splits=None picks choose_num_splits (tests force it)."""
+    """Writes out[:num_decodes]. The split count: num_splits (tests force it), else
+    meta.decode_splits (fixed by CUDA graphs), else choose_num_splits on the host lengths."""
     nd = meta.num_decodes
     num_heads = q.shape[1]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    num_splits = num_splits or meta.decode_splits
     if num_splits is None:
         num_splits = choose_num_splits(nd, num_kv_heads, max(meta.seq_lens_cpu[:nd]))
     consts, opts = decode_config(q.dtype, head_dim, k_cache.shape[1], num_heads // num_kv_heads,

@@ -1,7 +1,10 @@
 """Llama-family decoder (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2 with qkv bias).
 
 Weights use merged projections (q|k|v and gate|up) so each layer runs four matrix
-products; `load_weights` maps Hugging Face tensor names onto them."""
+products; `load_weights` maps Hugging Face tensor names onto them. Built with a
+ParallelContext, the model is one tensor-parallel rank's shard (tp_layers.py): column-
+parallel qkv / gate_up, row-parallel o_proj / down_proj, vocab-parallel embedding and LM
+head, whose logits `compute_logits` gathers on rank 0 (None elsewhere)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from gateway.kernels.metadata import AttentionMetadata
 from gateway.kernels.reference import build_cos_sin_cache
 from gateway.models.arch import ModelArch
 from gateway.models.layers import Linear, PagedAttention, RMSNorm
+from gateway.models.loader import materialize
+from gateway.models.tp_layers import (ParallelContext, ShardPlan, column_linear, row_linear, shard_plan,
+                                      vocab_embedding)
 
 # HF checkpoint projection name → (our merged module, shard)
 _MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -30,25 +36,26 @@ def rescore_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight: torch
     """16-bit logits come out quantized (steps of 0.125 near 20), which makes near-ties at the
     top arbitrary and greedy output depend on batch shape. Recompute the top candidates of
     each row exactly in fp32, in place: a [B, 16] product instead of a full fp32 LM head."""
-    top = logits.topk(RESCORED_CANDIDATES, dim=-1).indices                 # [B, k]
+    top = logits.topk(min(RESCORED_CANDIDATES, logits.shape[-1]), dim=-1).indices                # [B, k]
     exact = torch.bmm(weight[top].float(), hidden.float().unsqueeze(-1)).squeeze(-1)
     logits.scatter_(1, top, exact)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, cos_sin_cache: torch.Tensor):
+    def __init__(self, arch: ModelArch, cos_sin_cache: torch.Tensor, plan: ShardPlan,
+                 parallel: ParallelContext | None = None):
         super().__init__()
-        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        heads, d = plan.attention, arch.head_dim      # this rank's heads (all of them at tp=1)
+        q_size, kv_size = heads.num_heads * d, heads.num_kv_heads * d
         self.q_size, self.kv_size = q_size, kv_size
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.qkv_proj = Linear(arch.hidden_size, q_size + 2 * kv_size, bias=arch.qkv_bias,
-                               shard_sizes={"q": q_size, "k": kv_size, "v": kv_size})
-        self.o_proj = Linear(q_size, arch.hidden_size)
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size,
-                                   shard_sizes={"gate": arch.intermediate_size, "up": arch.intermediate_size})
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size)
-        self.attn = PagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim, cos_sin_cache)
+        q, kv = (heads.q_start * d, q_size), (heads.kv_start * d, kv_size)
+        self.qkv_proj = column_linear(arch.hidden_size, {"q": q, "k": kv, "v": kv}, arch.qkv_bias, parallel)
+        self.o_proj = row_linear(q, arch.hidden_size, False, parallel)
+        self.gate_up_proj = column_linear(arch.hidden_size, {"gate": plan.mlp, "up": plan.mlp}, False, parallel)
+        self.down_proj = row_linear(plan.mlp, arch.hidden_size, False, parallel)
+        self.attn = PagedAttention(heads.num_heads, heads.num_kv_heads, d, cos_sin_cache)
 
     def forward(self, positions, hidden, residual, meta, kv_cache):
         hidden, residual = self.input_layernorm(hidden, residual)
@@ -61,17 +68,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch):
+    supports_tensor_parallel = True
+
+    def __init__(self, arch: ModelArch, parallel: ParallelContext | None = None):
         super().__init__()
-        self.arch = arch
+        self.arch, self.parallel = arch, parallel
+        plan = shard_plan(arch, parallel.rank, parallel.world_size) if parallel else shard_plan(arch)
         cos_sin = build_cos_sin_cache(arch.head_dim, arch.max_position_embeddings, arch.inv_freq,
                                       arch.attention_scaling)
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.cos_sin_cache) for _ in range(arch.num_layers))
+        self.embed_tokens = vocab_embedding(plan.vocab, arch.hidden_size, parallel)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.cos_sin_cache, plan, parallel)
+                                    for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
+        self.lm_head = column_linear(arch.hidden_size, {None: plan.vocab}, False, parallel)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -92,11 +102,11 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(hidden).float()
-        if hidden.dtype != torch.float32:
+        if hidden.dtype != torch.float32:   # each rank rescores its own top: the global top is among them
             rescore_top_logits(logits, hidden, self.lm_head.weight)
-        return logits
+        return logits if self.parallel is None else self.parallel.comm.gather(logits)
 
     def prepack(self) -> None:
         for module in self.modules():
@@ -157,9 +167,10 @@ class LlamaForCausalLM(nn.Module):
                     continue
                 raise ValueError(f"unexpected weight {name!r} for {self.arch.architecture}")
             module, attr, shard = self._resolve(name)
-            if isinstance(module, Linear):
+            if hasattr(module, "load_shard"):   # linears and the vocab-parallel embedding slice it
                 module.load_shard(attr, shard, tensor)
             else:
+                tensor = materialize(tensor)
                 param = getattr(module, attr)
                 if param.shape != tensor.shape:
                     raise ValueError(f"shape mismatch for {name}: model {tuple(param.shape)}, "

@@ -136,6 +136,41 @@ def iter_weights(directory: Path, dtype: torch.dtype, progress: bool = True) -> 
                 bar.update(1)
 
 
+class CheckpointTensor:
+    """A checkpoint tensor not yet read: `narrow` reads only the requested slice (through
+    safetensors' get_slice), `load` the whole tensor; both convert to the target dtype."""
+
+    def __init__(self, handle, name: str, dtype: torch.dtype):
+        self._slice, self.dtype = handle.get_slice(name), dtype
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)].to(self.dtype)
+
+    def load(self) -> torch.Tensor:
+        return self._slice[:].to(self.dtype)
+
+
+def materialize(tensor) -> torch.Tensor:
+    """A real tensor from a torch.Tensor or a CheckpointTensor."""
+    return tensor.load() if isinstance(tensor, CheckpointTensor) else tensor
+
+
+def iter_checkpoint(directory: Path, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Like iter_weights, but lazily: tensor-parallel ranks read only their slices."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+    handles = [safe_open(str(f), framework="pt") for f in weight_files(directory)]
+    total = sum(len(h.keys()) for h in handles)
+    with tqdm(total=total, desc="loading weight shards", unit="tensor", disable=not progress, leave=False) as bar:
+        for handle in handles:
+            for name in handle.keys():
+                yield name, CheckpointTensor(handle, name, dtype)
+                bar.update(1)
+
+
 def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor, read from the headers without loading data."""
     from safetensors import safe_open

@@ -69,7 +69,7 @@ class _Columns:
         self.greedy.append(greedy)
         self.temperature.append(1.0 if greedy else p.temperature)
         self.top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
-        self.top_p.append(1.0)
+        self.top_p.append(p.top_p)
         self.min_p.append(p.min_p)
         self.presence.append(p.presence_penalty)
         self.frequency.append(p.frequency_penalty)
@@ -216,9 +216,11 @@ def _candidate_thresholds(logits: torch.Tensor, top_k: torch.Tensor, top_p: torc
     k_on, p_on = top_k < logits.shape[-1], top_p < 1.0
     keep = top_k.clamp(max=n)
     in_k = torch.arange(n, device=cand.device) < keep
-    # A top-k row's whole distribution lies among the candidates; other rows need the full sum.
-    lse = torch.where(k_on, cand.masked_fill(~in_k, float("-inf")).logsumexp(-1, keepdim=True),
-                      logits.logsumexp(-1, keepdim=True))
+    # A top-k row's whole distribution lies among the candidates; other rows need the full
+    # sum (shifted by the row max, cand[:, :1]; fewer passes than torch.logsumexp on CPU).
+    top = cand[:, :1]
+    full_lse = top + (logits - top).exp_().sum(-1, keepdim=True).log_()
+    lse = torch.where(k_on, cand.masked_fill(~in_k, float("-inf")).logsumexp(-1, keepdim=True), full_lse)
     probs = (cand - lse).exp_().masked_fill_(~in_k, 0.0)
     keep = torch.where(p_on, torch.minimum(keep, _nucleus_size(probs, top_p)), keep)
     unsettled = (p_on & ~k_on & (probs.sum(-1, keepdim=True) < top_p)).squeeze(1)

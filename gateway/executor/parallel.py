@@ -1,0 +1,111 @@
+"""Collectives between tensor-parallel ranks behind one interface, `Communicator`:
+all_reduce(t) sums in place over ranks; gather(t) concatenates along the last dim on rank 0.
+
+Implementations: ShmCommunicator (shm_comm.py; CPU ranks on one host, the CPU default
+because it measured ~5-10x faster than gloo) and TorchDistCommunicator (torch.distributed:
+gloo on CPU, NCCL on CUDA, rendezvous over TCP on a free loopback port).
+`CommSpec` is what the driver decides once and sends to every rank; `create_communicator`
+turns it into the rank's communicator (joining the process group or attaching the segment)."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Communicator(Protocol):
+    rank: int
+    world_size: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor | None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CommSpec:
+    backend: str              # shm | gloo | nccl
+    world_size: int
+    timeout_s: float
+    address: str = ""         # shm: segment name; gloo/nccl: tcp://127.0.0.1:PORT
+    slot_bytes: int = 0       # shm only
+
+
+def resolve_backend(requested: str, device_type: str) -> str:
+    """auto → shm on CPU, nccl on CUDA; explicit choices are checked against the device."""
+    if requested == "auto":
+        return "nccl" if device_type == "cuda" else "shm"
+    if requested == "nccl" and device_type != "cuda":
+        raise ValueError("--tp-comm nccl needs --device cuda")
+    if requested == "shm" and device_type != "cpu":
+        raise ValueError("--tp-comm shm is the CPU backend; use nccl (or gloo) on CUDA")
+    return requested
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_spec(backend: str, world_size: int, timeout_s: float, slot_bytes: int) -> CommSpec:
+    """The driver's side: pick the rendezvous address (a free port or a unique segment name)."""
+    if backend == "shm":
+        from gateway.executor.shm_comm import ShmCommunicator
+        return CommSpec(backend, world_size, timeout_s, ShmCommunicator.new_name(), slot_bytes)
+    return CommSpec(backend, world_size, timeout_s, f"tcp://127.0.0.1:{free_port()}")
+
+
+def create_communicator(spec: CommSpec, rank: int, parent_pid: int | None = None) -> Communicator:
+    """Rank 0 creates the shm segment, so it must run this before the workers attach."""
+    if spec.backend == "shm":
+        from gateway.executor.shm_comm import ShmCommunicator
+        return ShmCommunicator(spec.address, rank, spec.world_size, spec.slot_bytes, spec.timeout_s,
+                               create=rank == 0, parent_pid=parent_pid)
+    return TorchDistCommunicator(spec, rank)
+
+
+class TorchDistCommunicator:
+    """torch.distributed (gloo / NCCL). Collective timeouts come from the process group."""
+
+    def __init__(self, spec: CommSpec, rank: int):
+        import torch.distributed as dist
+        self.rank, self.world_size = rank, spec.world_size
+        self.abort: str | None = None   # the process group's own timeout bounds every wait
+        dist.init_process_group(spec.backend, init_method=spec.address, rank=rank, world_size=spec.world_size,
+                                timeout=datetime.timedelta(seconds=spec.timeout_s))
+        self._dist = dist
+        self._widths: list[int] | None = None   # each rank's gather width; fixed per model
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor | None:
+        """torch's gather wants equal shapes: pad the last dim to the widest rank's, then trim."""
+        t = t.contiguous()
+        widths = self._gather_widths(t)
+        padded = torch.nn.functional.pad(t, (0, max(widths) - t.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        self._dist.gather(padded, parts, dst=0)
+        if self.rank != 0:
+            return None
+        return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1)
+
+    def _gather_widths(self, t: torch.Tensor) -> list[int]:
+        if self._widths is None or self._widths[self.rank] != t.shape[-1]:
+            width = torch.tensor([t.shape[-1]], device=t.device)
+            widths = [torch.zeros_like(width) for _ in range(self.world_size)]
+            self._dist.all_gather(widths, width)
+            self._widths = [int(w) for w in widths]
+        return self._widths
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()

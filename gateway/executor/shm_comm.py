@@ -1,0 +1,145 @@
+"""ShmCommunicator: all-reduce and gather between tensor-parallel ranks on one host through
+one shared-memory segment and spin-waited counters. Measured about 5-10x faster than gloo
+over loopback TCP for the [tokens, hidden] tensors of a decode step (see bench/tp.py).
+
+Segment layout: a control block (one 64-byte line per rank: [op counter, element count])
+then two data buffers (double buffering), each with one slot of `slot_bytes` per rank.
+Operation k (a per-communicator counter every rank advances in the same order) uses
+buffer k % 2. In order, a rank: waits until every rank has entered op k-1 (so nobody still
+reads buffer k % 2 from op k-2) → copies its tensor into its slot → stores its element
+count, then k, into its control line → all-reduce: waits for every counter to reach k and
+sums the slots in rank order (every rank gets bit-identical sums); gather: only rank 0
+waits and concatenates. Tensors larger than a slot are all-reduced in slot-sized chunks.
+Stores are plain (x86 keeps store order; weakly ordered CPUs would need a fence).
+
+Waits spin briefly, then yield the core; every few milliseconds they check the deadline,
+an `abort` reason set by the driver's monitor thread, and (on workers) whether the parent
+process is gone, so no wait outlives a dead peer."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from multiprocessing import shared_memory
+
+import numpy as np
+import torch
+
+from gateway.engine.errors import EngineDeadError
+
+_LINE = 64                 # bytes of control per rank (one cache line)
+_SPIN = 2000               # pure spins before yielding the core
+_CHECK_EVERY = 256         # yields between liveness / deadline checks
+
+
+class ShmCommunicator:
+    def __init__(self, name: str, rank: int, world_size: int, slot_bytes: int, timeout_s: float,
+                 create: bool = False, parent_pid: int | None = None):
+        self.rank, self.world_size, self.slot_bytes = rank, world_size, slot_bytes
+        self.timeout_s, self.parent_pid = timeout_s, parent_pid
+        self.abort: str | None = None          # set from another thread to end every wait
+        size = world_size * _LINE + 2 * world_size * slot_bytes
+        self._shm = shared_memory.SharedMemory(name=name, create=create, size=size if create else 0)
+        # Spawned ranks share the creator's resource tracker: attaching re-registers the same
+        # name (a no-op), and only the creator unlinks, so the segment is freed exactly once
+        # (by the tracker if rank 0 dies without closing).
+        self.name, self._owner = name, create
+        buf = self._shm.buf
+        self._ctl = np.ndarray((world_size, _LINE // 8), np.int64, buffer=buf)
+        self._counter = self._ctl[:, 0]
+        self._numel = self._ctl[:, 1]
+        if create:
+            self._ctl[:] = 0
+        data = torch.frombuffer(buf, dtype=torch.uint8, offset=world_size * _LINE,
+                                count=2 * world_size * slot_bytes)
+        self._data = data.view(2, world_size, slot_bytes)
+        self._op = 0
+
+    @staticmethod
+    def new_name() -> str:
+        return f"gw_tp_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+
+    # ---- collectives ---------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks, in place; returns t."""
+        flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        step = self.slot_bytes // flat.element_size()
+        for start in range(0, flat.numel(), step):
+            self._all_reduce_chunk(flat[start:start + step])
+        if flat.data_ptr() != t.data_ptr():
+            t.copy_(flat.view(t.shape))
+        return t
+
+    def _all_reduce_chunk(self, chunk: torch.Tensor) -> None:
+        k, buffer = self._post(chunk)
+        self._wait_all(k)
+        n = chunk.numel()
+        slots = self._data[buffer, :, :n * chunk.element_size()].view(chunk.dtype)   # [W, n]
+        if self.world_size == 2:
+            torch.add(slots[0], slots[1], out=chunk)
+        else:
+            chunk.copy_(slots.sum(dim=0))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's `t` along the last dim, on rank 0 (None elsewhere).
+        Leading dims must match; the last may differ between ranks."""
+        flat = t.contiguous().view(-1)
+        if flat.numel() * flat.element_size() > self.slot_bytes:
+            raise ValueError(f"gather of {flat.numel() * flat.element_size()} bytes exceeds the "
+                             f"{self.slot_bytes}-byte shared-memory slot")
+        k, buffer = self._post(flat)
+        if self.rank != 0:
+            return None
+        self._wait_all(k)
+        parts = []
+        for r in range(self.world_size):
+            n = int(self._numel[r])
+            parts.append(self._data[buffer, r, :n * t.element_size()].view(t.dtype).view(*t.shape[:-1], -1))
+        return torch.cat(parts, dim=-1)
+
+    def _post(self, flat: torch.Tensor) -> tuple[int, int]:
+        self._op += 1
+        k, buffer = self._op, self._op % 2
+        self._wait_all(k - 1)
+        nbytes = flat.numel() * flat.element_size()
+        self._data[buffer, self.rank, :nbytes].view(flat.dtype).copy_(flat)
+        self._numel[self.rank] = flat.numel()
+        self._counter[self.rank] = k
+        return k, buffer
+
+    # ---- waiting -------------------------------------------------------------------------
+    def _wait_all(self, k: int) -> None:
+        counter = self._counter
+        spins = 0
+        while counter.min() < k:
+            spins += 1
+            if spins < _SPIN:
+                continue
+            if spins == _SPIN:
+                started = time.monotonic()
+            os.sched_yield()
+            if spins % _CHECK_EVERY == 0:
+                self._check(started)
+
+    def _check(self, started: float) -> None:
+        if self.abort is not None:
+            raise EngineDeadError(self.abort)
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            raise EngineDeadError("the driver process is gone")
+        if time.monotonic() - started > self.timeout_s:
+            late = [r for r in range(self.world_size) if self._counter[r] < self._op]
+            raise EngineDeadError(f"tensor-parallel collective timed out after {self.timeout_s:.0f}s "
+                                  f"waiting for rank(s) {late}")
+
+    def close(self) -> None:
+        self._data = self._ctl = self._counter = self._numel = None
+        try:
+            self._shm.close()
+        except BufferError:   # a view still alive somewhere: the mapping goes with the process
+            pass
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,164 @@
+/* CPU kernels for gateway's hot path, called through ctypes (see cpu_ops.py).
+ *
+ * Why C: on CPU the torch composition of these ops costs many small kernel launches per
+ * layer, and paged decode attention in torch must first gather every sequence's pages into
+ * a contiguous copy. These loops read the paged cache in place, once.
+ * Data: fp32 (dtype 0) or bf16 stored as uint16 (dtype 1); math is always fp32.
+ * Threads: OpenMP, linked against the libgomp torch already loaded (same pool, no
+ * oversubscription). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)v << 16;
+    return x.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { uint32_t u; float f; } x;
+    x.f = f;
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40); /* NaN */
+    x.u += 0x7fffu + ((x.u >> 16) & 1u);                                         /* nearest even */
+    return (uint16_t)(x.u >> 16);
+}
+
+static inline void load_row(const void *base, int64_t offset, int dtype, int64_t n, float *dst) {
+    if (dtype == 0) {
+        memcpy(dst, (const float *)base + offset, n * sizeof(float));
+    } else {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    }
+}
+
+static inline void store_row(void *base, int64_t offset, int dtype, int64_t n, const float *src) {
+    if (dtype == 0) {
+        memcpy((float *)base + offset, src, n * sizeof(float));
+    } else {
+        uint16_t *dst = (uint16_t *)base + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    }
+}
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 32
+#define MAX_BLOCK 128
+
+/* One query token per sequence attends to its whole paged context.
+ * q: token s at q + s*q_stride, head h at +h*head_dim. caches: [blocks, block_size, kv_heads, head_dim].
+ * out: [num_seqs, num_heads, head_dim] contiguous. Online softmax, one rescale per block. */
+void paged_decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                            const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
+                            void *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t head_dim, int64_t block_size, float scale, int dtype) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t token_stride = num_kv_heads * head_dim;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t s = 0; s < num_seqs; s++) {
+        for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
+            float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
+            float row_max[MAX_GROUP], row_sum[MAX_GROUP];
+            float kf[MAX_BLOCK][MAX_HEAD_DIM], scores[MAX_GROUP][MAX_BLOCK];
+            for (int64_t g = 0; g < group; g++) {
+                load_row(q, s * q_stride + (kvh * group + g) * head_dim, dtype, head_dim, qf[g]);
+                for (int64_t d = 0; d < head_dim; d++) { qf[g][d] *= scale; acc[g][d] = 0.f; }
+                row_max[g] = -INFINITY;
+                row_sum[g] = 0.f;
+            }
+            const int64_t len = seq_lens[s];
+            for (int64_t start = 0; start < len; start += block_size) {
+                const int64_t block = block_tables[s * max_blocks + start / block_size];
+                const int64_t n = len - start < block_size ? len - start : block_size;
+                const int64_t base = (block * block_size) * token_stride + kvh * head_dim;
+                for (int64_t t = 0; t < n; t++) load_row(k_cache, base + t * token_stride, dtype, head_dim, kf[t]);
+                for (int64_t g = 0; g < group; g++) {
+                    float block_max = row_max[g];
+                    for (int64_t t = 0; t < n; t++) {
+                        float dot = 0.f;
+                        for (int64_t d = 0; d < head_dim; d++) dot += qf[g][d] * kf[t][d];
+                        scores[g][t] = dot;
+                        block_max = dot > block_max ? dot : block_max;
+                    }
+                    const float correction = expf(row_max[g] - block_max);
+                    row_sum[g] *= correction;
+                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= correction;
+                    for (int64_t t = 0; t < n; t++) {
+                        scores[g][t] = expf(scores[g][t] - block_max);
+                        row_sum[g] += scores[g][t];
+                    }
+                    row_max[g] = block_max;
+                }
+                for (int64_t t = 0; t < n; t++) {   /* reuse kf for this block's values */
+                    load_row(v_cache, base + t * token_stride, dtype, head_dim, kf[t]);
+                    for (int64_t g = 0; g < group; g++) {
+                        const float p = scores[g][t];
+                        for (int64_t d = 0; d < head_dim; d++) acc[g][d] += p * kf[t][d];
+                    }
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
+                for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= inv;
+                store_row(out, (s * num_heads + kvh * group + g) * head_dim, dtype, head_dim, acc[g]);
+            }
+        }
+    }
+}
+
+/* residual (if given) += x, in place; out = rms_norm(residual or x) * weight. Rows contiguous. */
+void add_rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t rows,
+                  int64_t hidden, float eps, int dtype) {
+#pragma omp parallel for schedule(static) if (rows * hidden > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[8192], w[8192];
+        load_row(x, r * hidden, dtype, hidden, buf);
+        if (residual) {
+            float res[8192];
+            load_row(residual, r * hidden, dtype, hidden, res);
+            for (int64_t i = 0; i < hidden; i++) buf[i] += res[i];
+            store_row(residual, r * hidden, dtype, hidden, buf);
+            load_row(residual, r * hidden, dtype, hidden, buf);   /* normalize the rounded sum */
+        }
+        float sq = 0.f;
+        for (int64_t i = 0; i < hidden; i++) sq += buf[i] * buf[i];
+        const float inv = 1.f / sqrtf(sq / (float)hidden + eps);
+        load_row(weight, 0, dtype, hidden, w);
+        for (int64_t i = 0; i < hidden; i++) buf[i] = buf[i] * inv * w[i];
+        store_row(out, r * hidden, dtype, hidden, buf);
+    }
+}
+
+/* Neox rotary in place on `heads` heads of each token (q and k may be one strided view).
+ * cos_sin: fp32 [max_position, head_dim] = [cos | sin]. */
+void rotary_inplace(void *x, int64_t token_stride, int64_t tokens, int64_t heads, int64_t head_dim,
+                    const int64_t *positions, const float *cos_sin, int dtype) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (tokens * heads > 512)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *cos = cos_sin + positions[t] * head_dim, *sin = cos + half;
+        float v[MAX_HEAD_DIM], o[MAX_HEAD_DIM];
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t off = t * token_stride + h * head_dim;
+            load_row(x, off, dtype, head_dim, v);
+            for (int64_t i = 0; i < half; i++) {
+                o[i] = v[i] * cos[i] - v[i + half] * sin[i];
+                o[i + half] = v[i + half] * cos[i] + v[i] * sin[i];
+            }
+            store_row(x, off, dtype, head_dim, o);
+        }
+    }
+}
+
+/* out[t, :] = silu(x[t, :inter]) * x[t, inter:] */
+void silu_and_mul(const void *x, void *out, int64_t tokens, int64_t inter, int dtype) {
+#pragma omp parallel for schedule(static) if (tokens * inter > 32768)
+    for (int64_t t = 0; t < tokens; t++) {
+        float g[16384], u[16384];
+        load_row(x, t * 2 * inter, dtype, inter, g);
+        load_row(x, t * 2 * inter + inter, dtype, inter, u);
+        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        store_row(out, t * inter, dtype, inter, g);
+    }
+}

@@ -1,0 +1,162 @@
+"""CPU kernels in C (kernels.c beside this package), with the reference signatures.
+
+On first use the C file is compiled with the system C compiler (-O3 -march=native -fopenmp)
+into the temp directory, keyed by a hash of source and flags, and loaded with ctypes; it
+links the libgomp that torch has already loaded, so both share one thread pool. Anything
+the C code does not cover (prefill attention, unusual shapes or dtypes, no compiler) runs
+the torch reference instead, so results never depend on whether the build succeeded."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gateway.kernels import reference
+from gateway.kernels.metadata import AttentionMetadata
+
+log = logging.getLogger("gateway.kernels")
+
+_SOURCE = Path(__file__).with_name("cpu") / "kernels.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_MAX_HEAD_DIM, _MAX_GROUP, _MAX_BLOCK, _MAX_HIDDEN, _MAX_INTER = 256, 32, 128, 8192, 16384
+_lib = None
+_load_failed = False
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: CPU kernels fall back to torch")
+        return None
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"gateway-cpu-kernels-{digest}-{os.getuid()}.so"
+    if not target.exists():
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(partial), "-lm"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("CPU kernels failed to compile, falling back to torch:\n%s", result.stderr[-2000:])
+            return None
+        partial.replace(target)
+    return ctypes.CDLL(str(target))
+
+
+def library() -> ctypes.CDLL | None:
+    global _lib, _load_failed
+    if _lib is None and not _load_failed:
+        try:
+            _lib = _build()
+        except OSError as exc:
+            log.warning("CPU kernels unavailable (%s): falling back to torch", exc)
+        _load_failed = _lib is None
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+
+def _i(v: int) -> ctypes.c_int64:
+    return ctypes.c_int64(v)
+
+
+def _dtype(*tensors: torch.Tensor) -> int | None:
+    dtypes = {t.dtype for t in tensors}
+    return _DTYPE_CODES.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _decode_supported(q, k_cache, group: int) -> bool:
+    return (q.stride(-1) == 1 and q.stride(-2) == q.shape[-1] and k_cache.is_contiguous()
+            and q.shape[-1] <= _MAX_HEAD_DIM and group <= _MAX_GROUP and k_cache.shape[1] <= _MAX_BLOCK
+            and _dtype(q, k_cache) is not None)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    nd = meta.num_decodes
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    lib = library()
+    if lib is None or nd == 0 or not _decode_supported(q, k_cache, num_heads // num_kv_heads):
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
+    lib.paged_decode_attention(
+        _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
+        _ptr(meta.seq_lens), _ptr(out), _i(nd), _i(num_heads), _i(num_kv_heads), _i(head_dim),
+        _i(block_size), ctypes.c_float(scale), ctypes.c_int(_dtype(q)))
+    for i in range(nd, meta.num_seqs):
+        start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
+        out[start:end] = reference._prefill_attention(q[start:end], k_cache, v_cache,
+                                                      meta.block_tables[i], meta.seq_lens_cpu[i], scale)
+    return out
+
+
+def _norm(x, residual, weight, eps):
+    lib = library()
+    code = _dtype(x, weight) if residual is None else _dtype(x, weight, residual)
+    if (lib is None or code is None or x.shape[-1] > _MAX_HIDDEN or not x.is_contiguous()
+            or (residual is not None and not residual.is_contiguous())):
+        return None
+    out = torch.empty_like(x)
+    lib.add_rms_norm(_ptr(x), _ptr(residual), _ptr(weight), _ptr(out), _i(x.numel() // x.shape[-1]),
+                     _i(x.shape[-1]), ctypes.c_float(eps), ctypes.c_int(code))
+    return out
+
+
+def rms_norm(x, weight, eps):
+    out = _norm(x, None, weight, eps)
+    return reference.rms_norm(x, weight, eps) if out is None else out
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    """Like the reference, but the sum is written into `residual` in place."""
+    out = _norm(x, residual, weight, eps)
+    return reference.fused_add_rms_norm(x, residual, weight, eps) if out is None else (out, residual)
+
+
+def silu_and_mul(x):
+    lib, code = library(), _dtype(x)
+    inter = x.shape[-1] // 2
+    if lib is None or code is None or not x.is_contiguous() or inter > _MAX_INTER:
+        return reference.silu_and_mul(x)
+    out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype)
+    lib.silu_and_mul(_ptr(x), _ptr(out), _i(x.numel() // x.shape[-1]), _i(inter), ctypes.c_int(code))
+    return out
+
+
+def _rotary_ok(x, positions, cos_sin_cache) -> bool:
+    return (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and x.shape[-1] <= _MAX_HEAD_DIM
+            and positions.dtype == torch.int64 and positions.is_contiguous()
+            and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous())
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    lib, code = library(), _dtype(q, k)
+    if lib is None or code is None or not (_rotary_ok(q, positions, cos_sin_cache) and _rotary_ok(k, positions, cos_sin_cache)):
+        return reference.rotary_embedding(positions, q, k, cos_sin_cache)
+    tokens, head_dim = q.shape[0], q.shape[-1]
+    adjacent = (q.stride(0) == k.stride(0)
+                and k.data_ptr() == q.data_ptr() + q.shape[1] * head_dim * q.element_size())
+    parts = [(q, q.shape[1] + k.shape[1])] if adjacent else [(q, q.shape[1]), (k, k.shape[1])]
+    for x, heads in parts:   # q|k adjacent in the qkv output: one call for both
+        lib.rotary_inplace(_ptr(x), _i(x.stride(0)), _i(tokens), _i(heads), _i(head_dim),
+                           _ptr(positions), _ptr(cos_sin_cache), ctypes.c_int(code))
+    return q, k

@@ -1,0 +1,126 @@
+"""Tensor-parallel building blocks: one rank's slice of a model's linears and embedding.
+
+ColumnParallelLinear keeps a run of output rows (merged q|k|v and gate|up: one run per
+checkpoint shard); RowParallelLinear keeps a run of input columns and all-reduces its
+output (once per call; the bias, if any, is added after the sum); VocabParallelEmbedding
+keeps a run of vocabulary rows, zeroes lookups outside it and all-reduces. Each narrows
+the checkpoint tensor to its slice before copying (a lazy CheckpointTensor then reads
+only those bytes), so no rank materialises the whole model.
+
+`shard_plan(arch, rank, world_size)` decides the slices (gateway.models.partition);
+the `*_linear` / `vocab_embedding` builders return the plain single-device modules when
+`parallel` is None, so tensor_parallel_size 1 builds exactly the unsharded model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gateway.models.layers import Linear
+from gateway.models.loader import materialize
+from gateway.models.partition import AttentionShard, partition_attention, split_evenly
+
+if TYPE_CHECKING:
+    from gateway.executor.parallel import Communicator
+    from gateway.models.arch import ModelArch
+
+
+@dataclass
+class ParallelContext:
+    rank: int
+    world_size: int
+    comm: "Communicator"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    attention: AttentionShard
+    mlp: tuple[int, int]      # (start, length) of the intermediate dimension
+    vocab: tuple[int, int]    # (start, length) of the vocabulary
+
+
+def shard_plan(arch: "ModelArch", rank: int = 0, world_size: int = 1) -> ShardPlan:
+    """This rank's slices; ValueError (naming the dimension) when the model cannot be split."""
+    return ShardPlan(partition_attention(arch.num_heads, arch.num_kv_heads, world_size)[rank],
+                     split_evenly(arch.intermediate_size, world_size, "intermediate_size")[rank],
+                     split_evenly(arch.vocab_size, world_size, "vocab_size")[rank])
+
+
+class ColumnParallelLinear(Linear):
+    """Output rows [start, start + length) of each checkpoint shard, concatenated in order."""
+
+    def __init__(self, in_features: int, slices: dict[str | None, tuple[int, int]], bias: bool = False):
+        sizes = {name: length for name, (_, length) in slices.items()}
+        named = None not in slices
+        super().__init__(in_features, sum(sizes.values()), bias=bias, shard_sizes=sizes if named else None)
+        self.checkpoint_slices = slices
+
+    def load_shard(self, param_name: str, shard: str | None, tensor) -> None:
+        start, length = self.checkpoint_slices[shard]
+        super().load_shard(param_name, shard, tensor.narrow(0, start, length))
+
+
+class RowParallelLinear(Linear):
+    """Input columns [start, start + length); the partial products are summed over ranks."""
+
+    def __init__(self, in_slice: tuple[int, int], out_features: int, comm: "Communicator", bias: bool = False):
+        super().__init__(in_slice[1], out_features, bias=False)
+        self.in_slice, self.comm = in_slice, comm
+        self.reduced_bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load_shard(self, param_name: str, shard: str | None, tensor) -> None:
+        if param_name == "bias":
+            self.reduced_bias.data.copy_(materialize(tensor))
+            return
+        super().load_shard(param_name, shard, tensor.narrow(1, *self.in_slice))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.comm.all_reduce(super().forward(x))
+        return out if self.reduced_bias is None else out + self.reduced_bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_slice: tuple[int, int], hidden_size: int, comm: "Communicator"):
+        super().__init__()
+        self.start, self.length = vocab_slice
+        self.weight = nn.Parameter(torch.empty(self.length, hidden_size), requires_grad=False)
+        self.comm = comm
+
+    def load_shard(self, param_name: str, shard: str | None, tensor) -> None:
+        self.weight.data.copy_(tensor.narrow(0, self.start, self.length))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.length)
+        out = F.embedding(local.clamp(0, self.length - 1), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.comm.all_reduce(out)
+
+
+# ---- builders: plain modules when parallel is None --------------------------------------------
+def column_linear(in_features: int, slices: dict[str | None, tuple[int, int]], bias: bool,
+                  parallel: ParallelContext | None) -> Linear:
+    if parallel is None:
+        sizes = {name: length for name, (_, length) in slices.items()}
+        named = None not in slices
+        return Linear(in_features, sum(sizes.values()), bias=bias, shard_sizes=sizes if named else None)
+    return ColumnParallelLinear(in_features, slices, bias)
+
+
+def row_linear(in_slice: tuple[int, int], out_features: int, bias: bool,
+               parallel: ParallelContext | None) -> Linear:
+    if parallel is None:
+        return Linear(in_slice[1], out_features, bias=bias)
+    return RowParallelLinear(in_slice, out_features, parallel.comm, bias)
+
+
+def vocab_embedding(vocab_slice: tuple[int, int], hidden_size: int, parallel: ParallelContext | None) -> nn.Module:
+    if parallel is None:
+        embedding = nn.Embedding(vocab_slice[1], hidden_size)
+        embedding.weight.requires_grad_(False)
+        return embedding
+    return VocabParallelEmbedding(vocab_slice, hidden_size, parallel.comm)

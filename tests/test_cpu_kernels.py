@@ -1,0 +1,96 @@
+"""The C CPU kernels (gateway.kernels.cpu_ops) equal the torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gateway.kernels import cpu_ops, reference
+from gateway.kernels.metadata import AttentionMetadata
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler: the torch fallback is used")
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def decode_case(dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, prefill_len=0):
+    """Random paged caches; sequences [0, len(seq_lens)) decode, plus an optional prefill chunk."""
+    torch.manual_seed(0)
+    lens = list(seq_lens) + ([prefill_len + 5] if prefill_len else [])
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(dtype)
+    perm = torch.randperm(num_blocks).tolist()           # scattered, non-contiguous pages
+    tables = torch.zeros(len(lens), max(blocks_per_seq), dtype=torch.int32)
+    for i, nb in enumerate(blocks_per_seq):
+        tables[i, :nb] = torch.tensor([perm.pop() for _ in range(nb)])
+    query_lens = [1] * len(seq_lens) + ([prefill_len] if prefill_len else [])
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables, max_query_len=max(query_lens),
+        max_seq_len=max(lens), num_decodes=len(seq_lens), query_start_loc_cpu=starts, seq_lens_cpu=lens)
+    # q as a strided view of a wider qkv row, the way the model passes it
+    qkv = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    q = qkv[:, : num_heads * head_dim].view(starts[-1], num_heads, head_dim)
+    return q, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (64, 4)])
+def test_paged_decode_attention_matches_reference(dtype, heads, head_dim, block_size):
+    # lengths ending exactly on a block boundary, one past it, a single token, ragged
+    lens = [block_size, block_size + 1, 1, 3 * block_size + 7]
+    q, k_cache, v_cache, meta = decode_case(dtype, *heads, head_dim, block_size, lens, prefill_len=6)
+    scale = head_dim ** -0.5
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, with_residual):
+    torch.manual_seed(1)
+    x, residual = torch.randn(7, 576).to(dtype), torch.randn(7, 576).to(dtype)
+    weight = (torch.rand(576) + 0.5).to(dtype)
+    if with_residual:
+        want, want_sum = reference.fused_add_rms_norm(x, residual.clone(), weight, 1e-5)
+        got, got_sum = cpu_ops.fused_add_rms_norm(x, residual, weight, 1e-5)
+        torch.testing.assert_close(got_sum, want_sum)
+        assert got_sum.data_ptr() == residual.data_ptr(), "the sum is written into residual in place"
+    else:
+        want, got = reference.rms_norm(x, weight, 1e-5), cpu_ops.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_rotary_matches_reference(dtype, adjacent):
+    torch.manual_seed(2)
+    heads, kv_heads, dim, tokens = 9, 3, 64, 5
+    cache = reference.build_cos_sin_cache(dim, 128, 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+    positions = torch.tensor([0, 3, 17, 64, 127])
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    if adjacent:
+        q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    else:
+        q, k = qkv[:, : heads * dim].clone(), qkv[:, -kv_heads * dim:].clone()
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    want_q, want_k = reference.rotary_embedding(positions, q.float().clone(), k.float().clone(), cache)
+    before_v = qkv[:, -kv_heads * dim:].clone()
+    cpu_ops.rotary_embedding(positions, q, k, cache)
+    torch.testing.assert_close(q.float(), want_q, atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(k.float(), want_k, atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+    if adjacent:
+        assert torch.equal(qkv[:, -kv_heads * dim:], before_v), "v must be untouched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_reference(dtype):
+    x = torch.randn(6, 2 * 1536).to(dtype)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x).float(), reference.silu_and_mul(x).float(),
+                               atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])

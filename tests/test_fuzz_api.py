@@ -1,0 +1,156 @@
+"""API fuzzing: hostile and random input never gets a 5xx, and the server still serves after.
+
+Three layers, each ending with a valid request that must succeed:
+1. schemathesis over /openapi.json (positive and negative cases for every operation), in
+   process through the ASGI app over test_api_app's FakeEngine; every answer is documented
+   in the document and every error is an OpenAI error object;
+2. hypothesis: arbitrary bytes and arbitrary JSON values as the body of every POST route;
+3. hypothesis: plausible-but-nasty generation bodies (sampling edge values, out-of-vocabulary
+   ids, odd stops, n, logprobs, deadline headers) against a live server over a tiny
+   random-weight model, so they reach the real tokenizer, scheduler and sampler; the KV
+   cache must be empty at the end.
+Plus: /openapi.json describes every route the app serves."""
+
+import json
+import re
+
+import httpx
+import orjson
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from gateway.api.app import build_app
+from gateway.config import Config
+from live_server import LiveServer
+from test_api_app import FakeEngine, chat_body
+
+SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+ERROR_KEYS = {"message", "type", "param", "code"}
+POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
+
+APP = build_app(FakeEngine(), Config(max_request_bytes=64 * 1024))
+SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+def check_answer(status: int, body: bytes, content_type: str) -> None:
+    assert status < 500, body[:500]
+    if status >= 400 and content_type.startswith("application/json"):
+        error = orjson.loads(body)["error"]
+        assert set(error) == ERROR_KEYS and error["message"]
+
+
+def check_stream(body: bytes) -> None:
+    """A 200 stream ends with [DONE]; an error frame, if any, is a client error."""
+    frames = [line[len(b"data: "):] for line in body.split(b"\n\n") if line.startswith(b"data: ")]
+    assert frames and frames[-1] == b"[DONE]", body[-300:]
+    for frame in frames[:-1]:
+        obj = orjson.loads(frame)
+        if "error" in obj:
+            assert obj["error"]["type"] not in ("InternalServerError", "ServiceUnavailableError"), obj
+
+
+@SCHEMA.parametrize()
+@settings(max_examples=25, **SETTINGS)
+def test_schemathesis_cases_never_get_a_server_error(case):
+    response = case.call()
+    content_type = (response.headers.get("content-type") or [""])[0]   # schemathesis: name → values
+    check_answer(response.status_code, response.content, content_type)
+    documented = case.operation.definition.raw["responses"]
+    assert str(response.status_code) in documented or response.status_code == 405, response.status_code
+    if content_type.startswith("text/event-stream"):
+        check_stream(response.content)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+field_names = st.sampled_from(["model", "messages", "prompt", "max_tokens", "n", "stream", "stop", "logit_bias",
+                               "logprobs", "top_logprobs", "temperature", "seed", "tokens", "stream_options",
+                               "echo", "best_of", "suffix", "tools", "min_tokens", "add_special_tokens"])
+to_json = lambda value: json.dumps(value).encode()   # noqa: E731 (orjson refuses ints beyond 64 bits)
+bodies = (st.binary(max_size=200) | json_values.map(to_json)
+          | st.dictionaries(field_names, json_values, max_size=6).map(to_json))
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(route=st.sampled_from(POST_ROUTES), body=bodies)
+def test_arbitrary_bodies_never_get_a_server_error(route, body):
+    client = TestClient(APP)
+    response = client.post(route, content=body, headers={"content-type": "application/json"})
+    check_answer(response.status_code, response.content, response.headers.get("content-type", ""))
+    if response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream"):
+        check_stream(response.content)
+
+
+def test_openapi_describes_every_route_and_method():
+    documented = TestClient(APP).get("/openapi.json").json()["paths"]
+    for route in APP.routes:
+        path = re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", route.path)
+        assert path in documented, f"{route.path} is served but not in /openapi.json"
+        methods = {m.lower() for m in getattr(route, "methods", None) or ()} - {"head"}
+        assert methods <= set(documented[path]), (route.path, methods)
+
+
+def test_the_fake_server_still_serves_after_the_fuzzing():
+    assert TestClient(APP).post("/v1/chat/completions", json=chat_body(max_tokens=3)).status_code == 200
+
+
+# ---- against a real (tiny) engine ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live(tiny_llama_dir):
+    with LiveServer(model=str(tiny_llama_dir), num_kv_blocks=48, block_size=16, max_model_len=128,
+                    max_num_seqs=8) as server:
+        yield server
+
+
+def _floats(lo: float, hi: float):
+    return st.floats(lo, hi) | st.sampled_from([0.0, -0.0, 1e-30, lo, hi])
+
+
+token_ids = st.integers(0, 49151) | st.integers(-3, 70000)
+SAMPLING = {
+    "temperature": _floats(-0.5, 3.0), "top_p": _floats(-0.1, 1.1), "top_k": st.integers(-2, 60000),
+    "min_p": _floats(-0.1, 1.1), "presence_penalty": _floats(-2.5, 2.5), "frequency_penalty": _floats(-2.5, 2.5),
+    "repetition_penalty": _floats(-0.5, 3.0), "seed": st.integers(-2**64, 2**64), "min_tokens": st.integers(-1, 9),
+    "ignore_eos": st.booleans(), "skip_special_tokens": st.booleans(), "n": st.integers(0, 3),
+    "stream": st.booleans(), "max_tokens": st.integers(-1, 8),
+    "logit_bias": st.dictionaries(token_ids.map(str) | st.text(max_size=3), _floats(-150, 150), max_size=3),
+    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3),
+    "stop_token_ids": st.lists(token_ids, max_size=3),
+}
+CHAT = {**SAMPLING, "logprobs": st.booleans(), "top_logprobs": st.integers(-1, 21)}
+COMPLETION = {**SAMPLING, "logprobs": st.integers(-1, 21), "echo": st.booleans()}
+messages = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "bot"]),
+    "content": st.text(max_size=30) | st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                                                      "text": st.text(max_size=10)}), max_size=2)}),
+    min_size=0, max_size=3)
+prompts = (st.text(max_size=40) | st.lists(token_ids, min_size=0, max_size=20)
+           | st.lists(st.text(min_size=1, max_size=10) | st.lists(token_ids, min_size=1, max_size=5), max_size=3))
+requests = st.one_of(
+    st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries({"messages": messages}, optional=CHAT)),
+    st.tuples(st.just("/v1/completions"), st.fixed_dictionaries({"prompt": prompts}, optional=COMPLETION)))
+deadlines = st.none() | st.sampled_from(["0.001", "0.05", "30", "x", "-1", "1e400"])
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(request=requests, deadline=deadlines)
+def test_nasty_generation_bodies_never_get_a_server_error_from_the_real_engine(live, request, deadline):
+    route, body = request
+    headers = {} if deadline is None else {"X-Request-Timeout": deadline}
+    response = httpx.post(live.url + route, json=body, headers=headers, timeout=60)
+    check_answer(response.status_code, response.content, response.headers.get("content-type", ""))
+    if response.status_code == 200 and body.get("stream") is True:
+        check_stream(response.content)
+
+
+def test_the_real_server_still_serves_after_the_fuzzing_with_an_empty_kv_cache(live):
+    response = httpx.post(live.url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "ignore_eos": True})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+    assert live.engine.is_alive and live.blocks_in_use() == 0
