@@ -16,6 +16,7 @@ checked between engine steps, so an interrupt never lands inside the engine's bo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import signal
 import sys
@@ -158,7 +159,14 @@ class ChatLoop:
                 return 0
 
     def _read(self) -> str | None:
-        self._write("> ")
+        if self.stdin is sys.stdin and self.stdout is sys.stdout and sys.stdin.isatty():
+            with contextlib.suppress(ImportError):
+                importlib.import_module("readline")   # line editing and history for input()
+            try:
+                return input("> ")
+            except EOFError:
+                return None
+        self._write("> ")   # a pipe: the marker tells a driving program we are waiting
         line = self.stdin.readline()
         return line.rstrip("\n") if line else None
 

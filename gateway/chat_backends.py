@@ -80,6 +80,9 @@ class HttpBackend:
                                    timeout=httpx.Timeout(timeout, connect=10.0))
         try:
             self.name = model or self._first_model()
+        except httpx.HTTPStatusError as exc:
+            raise ValueError(f"{self.base_url}/models answered HTTP {exc.response.status_code} "
+                             f"(wrong --api-key or --url?)") from None
         except httpx.HTTPError as exc:
             raise ValueError(f"cannot reach {self.base_url}: {exc}") from None
 
@@ -93,8 +96,8 @@ class HttpBackend:
 
     def stream(self, messages: list[dict], settings: dict) -> Iterator[str]:
         body = {"model": self.name, "messages": messages, "stream": True}
-        body.update({k: v for k, v in sampling_fields(settings).items()
-                     if k in ("temperature", "top_p", "max_tokens", "seed") or v != DEFAULTS[k]})
+        body.update({k: v for k, v in sampling_fields(settings).items()   # non-OpenAI fields only when set
+                     if v is not None and (k in ("temperature", "top_p", "max_tokens", "seed") or v != DEFAULTS[k])})
         return self._deltas(body)
 
     def _deltas(self, body: dict) -> Iterator[str]:

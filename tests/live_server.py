@@ -5,14 +5,17 @@ a server it is about to break.
 
 `StepGate` wraps the engine core's step() in place: pause() holds the engine thread before its
 next step (requests pile up, admitted but unserved, so in-flight counts are exact), resume()
-releases it, crash_in(n) makes the n-th following step raise, as a bug in the loop would."""
+releases it, crash_in(n) makes the n-th following step raise, as a bug in the loop would.
+`stream()` reads one SSE response into parsed frames; `run()` runs a coroutine with a limit."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import httpx
+import orjson
 
 from conftest import free_port
 from gateway.api.server import build_server
@@ -88,3 +91,27 @@ class LiveServer:
             if in_use == 0 or time.monotonic() > deadline:
                 return in_use
             time.sleep(0.05)
+
+
+async def stream(client, path: str, body: dict, opened: asyncio.Event | None = None,
+                 first_token: asyncio.Event | None = None, headers=None) -> tuple[int, list]:
+    """(status, frames): frames are parsed JSON objects, then "[DONE]"; the events are set when
+    the headers arrive and when the first frame with generated text arrives."""
+    async with client.stream("POST", path, json={**body, "stream": True}, headers=headers) as response:
+        if opened is not None:
+            opened.set()
+        if response.status_code != 200:
+            return response.status_code, [orjson.loads(await response.aread())]
+        frames = []
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                frames.append(data if data == "[DONE]" else orjson.loads(data))
+                if first_token is not None and isinstance(frames[-1], dict) and any(
+                        c.get("text") for c in frames[-1].get("choices", [])):
+                    first_token.set()
+        return 200, frames
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))

@@ -79,6 +79,7 @@ def test_graphs_only_on_cuda_with_triton_kernels_and_not_enforce_eager():
     assert use_cuda_graphs(Config(kernel_backend="triton"), cuda)
     assert not use_cuda_graphs(Config(enforce_eager=True), cuda)
     assert not use_cuda_graphs(Config(kernel_backend="torch"), cuda)     # references read host lists
+    assert not use_cuda_graphs(Config(tensor_parallel_size=2), cuda)
     assert not use_cuda_graphs(Config(kernel_backend="triton"), CPU)
 
 

@@ -23,7 +23,7 @@ from gateway.config import Config
 from gateway.engine.errors import RequestRejectedError
 from gateway.engine.messages import EngineRequest
 from gateway.sampling.params import SamplingParams
-from live_server import LiveServer
+from live_server import LiveServer, run, stream
 from test_api_app import FakeEngine, FakeMetrics, chat_body
 
 MAX_NUM_SEQS, MAX_WAITING, MAX_MODEL_LEN, BODY_LIMIT = 4, 4, 256, 16384
@@ -49,30 +49,6 @@ def live(tiny_llama_dir, tmp_path_factory):
 
 def completion(prompt=(5, 6, 7), max_tokens=8, **fields) -> dict:
     return {"prompt": list(prompt), "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, **fields}
-
-
-async def stream(client, path: str, body: dict, opened: asyncio.Event | None = None,
-                 first_token: asyncio.Event | None = None, headers=None) -> tuple[int, list]:
-    """(status, frames): frames are parsed JSON objects, then "[DONE]"; the events are set when
-    the headers arrive and when the first frame with generated text arrives."""
-    async with client.stream("POST", path, json={**body, "stream": True}, headers=headers) as response:
-        if opened is not None:
-            opened.set()
-        if response.status_code != 200:
-            return response.status_code, [orjson.loads(await response.aread())]
-        frames = []
-        async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                data = line[len("data: "):]
-                frames.append(data if data == "[DONE]" else orjson.loads(data))
-                if first_token is not None and isinstance(frames[-1], dict) and any(
-                        c.get("text") for c in frames[-1].get("choices", [])):
-                    first_token.set()
-        return 200, frames
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
@@ -115,13 +91,14 @@ def test_prompt_beyond_max_model_len_is_400_naming_both_numbers(live):
 
 def test_body_over_the_limit_is_413_with_or_without_content_length(live):
     big = orjson.dumps(completion(prompt=[5] * (BODY_LIMIT // 2)))
-    assert error_of(httpx.post(live.url + "/v1/completions", content=big,
-                               headers={"content-type": "application/json"}), 413)["type"] == "RequestTooLargeError"
+    json_type = {"content-type": "application/json"}
+    whole = httpx.post(live.url + "/v1/completions", content=big, headers=json_type)
+    assert error_of(whole, 413)["type"] == "RequestTooLargeError"
 
     def chunks():
         for i in range(0, len(big), 1024):
             yield big[i:i + 1024]
-    chunked = httpx.post(live.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    chunked = httpx.post(live.url + "/v1/completions", content=chunks(), headers=json_type)
     assert error_of(chunked, 413)["code"] == "request_too_large"
     assert httpx.post(live.url + "/v1/completions", json=completion()).status_code == 200
 
@@ -164,9 +141,9 @@ def test_server_request_timeout_is_a_ceiling_the_header_can_only_lower():
     error = error_of(client.post("/v1/chat/completions", json=chat_body(max_tokens=40),
                                  headers={"X-Request-Timeout": "100"}), 408)
     assert 0.3 <= time.monotonic() - start < 1.5 and "deadline of 0.3 s" in error["message"]
-    start = time.monotonic()
-    error_of(client.post("/v1/chat/completions", json=chat_body(max_tokens=40), headers={"X-Request-Timeout": "0.1"}), 408)
-    assert time.monotonic() - start < 0.3
+    shorter = client.post("/v1/chat/completions", json=chat_body(max_tokens=40),
+                          headers={"X-Request-Timeout": "0.1"})
+    assert "deadline of 0.1 s" in error_of(shorter, 408)["message"]
     assert len(engine.closed_early) == 2   # both engine iterators were closed: aborted
     assert client.post("/v1/chat/completions", json=chat_body(max_tokens=3)).status_code == 200
 
@@ -232,7 +209,8 @@ def test_engine_crash_fails_in_flight_requests_fast_then_the_server_exits(tiny_l
     async def main(live):
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
             running = [asyncio.Event() for _ in range(3)]
-            streams = [asyncio.create_task(stream(client, "/v1/completions", body, first_token=e)) for e in running]
+            streams = [asyncio.create_task(stream(client, "/v1/completions", body, first_token=e))
+                       for e in running]
             plain = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(2)]
             await asyncio.gather(*(e.wait() for e in running))
             start = time.monotonic()
@@ -284,7 +262,8 @@ def test_keys_from_flags_env_and_file_each_open_the_api(tmp_path):
     client = TestClient(build_app(FakeEngine(), config, FakeMetrics()))
     for key in keys:
         assert client.get("/v1/models", headers=_bearer(key)).status_code == 200
-        assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=_bearer(key)).status_code == 200
+        generated = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=_bearer(key))
+        assert generated.status_code == 200
     for header in ({}, _bearer("wrong"), _bearer(""), _bearer("env-1x"), {"Authorization": "env-1"},
                    {"Authorization": "Basic env-1"}, _bearer("env-1,env-2")):
         error = error_of(client.post("/v1/completions", json={"prompt": "x"}, headers=header), 401)
@@ -314,8 +293,8 @@ def test_every_route_but_health_and_ready_needs_the_key(guard_metrics):
 
 def test_cors_flags_shape_the_preflight():
     config = _config(["--api-key", "k", "--cors-origin", "https://ui.example", "--cors-allow-methods", "GET,POST",
-                      "--cors-allow-headers", "authorization", "--cors-allow-headers", "content-type,x-request-timeout",
-                      "--cors-allow-credentials"])
+                      "--cors-allow-headers", "authorization",
+                      "--cors-allow-headers", "content-type,x-request-timeout", "--cors-allow-credentials"])
     assert config.cors_allow_methods == ["GET", "POST"] and config.cors_allow_credentials
     assert config.cors_allow_headers == ["authorization", "content-type", "x-request-timeout"]
     client = TestClient(build_app(FakeEngine(), config))
@@ -337,6 +316,7 @@ def test_cors_flags_shape_the_preflight():
 
 def test_cors_defaults_allow_any_method_and_header_without_credentials():
     client = TestClient(build_app(FakeEngine(), _config(["--cors-origin", "https://ui.example"])))
-    ok = client.options("/v1/models", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "DELETE",
+    ok = client.options("/v1/models", headers={"Origin": "https://ui.example",
+                                               "Access-Control-Request-Method": "DELETE",
                                                "Access-Control-Request-Headers": "x-anything"})
     assert ok.status_code == 200 and "access-control-allow-credentials" not in ok.headers

@@ -38,7 +38,11 @@ def served(tmp_path_factory, default_model_dir):
 def client(served):
     client, engine = served
     created = []
-    client.new_session = lambda **body: created.append(client.post("/v1/sessions", json=body).json()["id"]) or created[-1]
+
+    def new_session(**body) -> str:
+        created.append(client.post("/v1/sessions", json=body).json()["id"])
+        return created[-1]
+    client.new_session = new_session   # sessions made through this are deleted after the test
     yield client
     for session_id in created:
         client.delete(f"/v1/sessions/{session_id}")

@@ -224,6 +224,9 @@ class _API:
         except Exception:   # a dead engine cannot answer; readiness already says so
             in_use = None
         body = {"status": "ready" if ready else "not ready", "model": self.info.name, "kv_blocks_in_use": in_use}
+        worker_pids = getattr(self.engine, "worker_pids", None)
+        if worker_pids is not None:   # tensor-parallel worker processes (empty at --tp 1)
+            body["worker_pids"] = worker_pids()
         return json_response(body, 200 if ready else 503)
 
     async def version(self, request):

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api import protocol as P
-from gateway.api.app import _guarded, _read_json, _until_disconnect
+from gateway.api.app import _guarded, _read_json, _timeout, _until_disconnect
 from gateway.api.errors import APIError, invalid, json_response
 from gateway.api.streaming import DONE, Job, SSEResponse, chat_events, chat_result
 from gateway.config import Config
@@ -252,7 +252,7 @@ class SessionRoutes:
             raise invalid("messages", f"cannot apply the chat template: {exc}") from None
         ctx = self.api._context("chatcmpl", req, len(prompt))
         job = Job(self.engine, self.api._requests(ctx, req, [prompt], "messages", arrival),
-                  self.api.metrics, arrival, 1, req.max_tokens)
+                  self.api.metrics, arrival, 1, req.max_tokens, _timeout(request, self.api.config))
         session.busy = True
         try:
             return await self._generate(request, session, new, req, job, ctx)

@@ -7,7 +7,9 @@ Order of side effects: from_config loads the model (blocking) → start() launch
 loop thread, which runs a one-token warm-up before it reports ready → generate() posts
 requests and yields deltas → a consumer that stops early aborts its request → shutdown().
 call_in_engine(fn) runs fn(core) on the loop thread between steps (prefix pins use it), in
-inbox order with adds and aborts."""
+inbox order with adds and aborts. With tensor parallelism the loop checks the workers'
+health every iteration (a dead one wakes it at once) and stops them when it ends; a death
+takes the crash path: every request fails with EngineDeadError (api/server.py then exits)."""
 
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class AsyncEngine:
         self._stopping = False
         self._ready = False
         self._dead: BaseException | None = None
+        if hasattr(core.runner, "death_listener"):   # a dead tensor-parallel worker wakes an idle loop
+            core.runner.death_listener = self._wakeup.set
         self._latest_stats = StepStats(num_total_blocks=core.runner.num_blocks,
                                        num_free_blocks=core.runner.num_blocks)
 
@@ -77,6 +81,10 @@ class AsyncEngine:
     def stats(self) -> StepStats:
         return self._latest_stats
 
+    def worker_pids(self) -> list[int]:
+        """PIDs of the tensor-parallel worker processes (empty at tp=1)."""
+        return self.core.worker_pids
+
     def num_kv_blocks_in_use(self) -> int:
         s = self.core.scheduler
         return s.num_total_blocks - s.num_free_blocks
@@ -87,6 +95,7 @@ class AsyncEngine:
             self._warm_up()
             self._ready = True
             while not self._stopping:
+                self.core.check_health()
                 self._drain_inbox()
                 if not self.core.has_work:
                     self._wakeup.wait(0.5)
@@ -103,6 +112,8 @@ class AsyncEngine:
             self._dead = exc
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_all, exc)
+        finally:
+            self.core.shutdown()   # tensor-parallel workers stop with the loop
 
     def _warm_up(self) -> None:
         """One real token through the whole path: readiness means 'can produce a token'."""

@@ -2,8 +2,8 @@
 
 Owns the bucket sizes (1, 2, 4, ... up to max_num_seqs), the persistent decode input buffers
 every graph reads, and the graphs with their output tensors. CPU never uses any of it, nor
-does CUDA under --enforce-eager or the torch kernel backend (the references read host lists
-and synchronise, which a graph cannot hold); see `use_cuda_graphs`.
+does CUDA under --enforce-eager, the torch kernel backend (the references read host lists
+and synchronise, which a graph cannot hold) or tensor parallelism; see `use_cuda_graphs`.
 
 Capture, once at start-up after the KV cache exists, largest bucket first into one shared
 memory pool, per bucket: reset the buffers to padding → warm-up forwards on a side stream
@@ -44,7 +44,9 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 def use_cuda_graphs(config, device: torch.device) -> bool:
-    return device.type == "cuda" and not config.enforce_eager and config.kernel_backend != "torch"
+    # Tensor parallelism stays eager: capturing NCCL collectives is untested here.
+    return (device.type == "cuda" and not config.enforce_eager and config.kernel_backend != "torch"
+            and config.tensor_parallel_size == 1)
 
 
 class DecodeBuffers:

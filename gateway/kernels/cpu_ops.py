@@ -84,7 +84,7 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def _decode_supported(q, k_cache, group: int) -> bool:
     return (q.stride(-1) == 1 and q.stride(-2) == q.shape[-1] and k_cache.is_contiguous()
-            and q.shape[-1] <= _MAX_HEAD_DIM and group <= _MAX_GROUP and k_cache.shape[1] <= _MAX_BLOCK
+            and q.shape[-1] in (64, 128, 256) and group <= _MAX_GROUP and k_cache.shape[1] <= _MAX_BLOCK
             and _dtype(q, k_cache) is not None)
 
 

@@ -120,5 +120,5 @@ def build_cos_sin_cache(head_dim: int, max_position: int, inv_freq: torch.Tensor
                         attention_scaling: float = 1.0) -> torch.Tensor:
     """[max_position, head_dim] float32 = [cos | sin] for inv_freq [head_dim/2]."""
     t = torch.arange(max_position, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq.float())
+    freqs = torch.outer(t, inv_freq.to(t.device, torch.float32))   # t is on the ambient device
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_scaling

@@ -16,12 +16,30 @@ static inline float bf16_to_f32(uint16_t v) {
     return x.f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even; branch-free so it vectorizes */
     union { uint32_t u; float f; } x;
     x.f = f;
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40); /* NaN */
-    x.u += 0x7fffu + ((x.u >> 16) & 1u);                                         /* nearest even */
+    x.u += 0x7fffu + ((x.u >> 16) & 1u);
     return (uint16_t)(x.u >> 16);
+}
+
+/* exp, clamped to [-87, 88], branch-free so `omp simd` vectorizes it:
+ * 2^(x*log2 e) split into integer and fraction, degree-6 polynomial; rel. error ~2e-7. */
+static inline float fast_exp(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float t = x * 1.44269504f;
+    const float fi = __builtin_floorf(t);
+    const float f = t - fi;
+    float p = 1.535336188e-4f;
+    p = p * f + 1.339887440e-3f;
+    p = p * f + 9.618437357e-3f;
+    p = p * f + 5.550332471e-2f;
+    p = p * f + 2.402264791e-1f;
+    p = p * f + 6.931472028e-1f;
+    p = p * f + 1.0f;
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)fi + 127) << 23;
+    return p * scale.f;
 }
 
 static inline void load_row(const void *base, int64_t offset, int dtype, int64_t n, float *dst) {
@@ -29,6 +47,7 @@ static inline void load_row(const void *base, int64_t offset, int dtype, int64_t
         memcpy(dst, (const float *)base + offset, n * sizeof(float));
     } else {
         const uint16_t *src = (const uint16_t *)base + offset;
+#pragma omp simd
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
     }
 }
@@ -38,6 +57,7 @@ static inline void store_row(void *base, int64_t offset, int dtype, int64_t n, c
         memcpy((float *)base + offset, src, n * sizeof(float));
     } else {
         uint16_t *dst = (uint16_t *)base + offset;
+#pragma omp simd
         for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
     }
 }
@@ -46,71 +66,99 @@ static inline void store_row(void *base, int64_t offset, int dtype, int64_t n, c
 #define MAX_GROUP 32
 #define MAX_BLOCK 128
 
+/* One (sequence, kv head) of decode attention; HD is a compile-time head dim so the
+ * per-token dot products unroll fully. Online softmax with one rescale per block. */
+#define DEFINE_DECODE_TASK(HD)                                                                     \
+static void decode_task_##HD(const void *q, int64_t q_off, const void *k_cache, const void *v_cache, \
+                             const int32_t *table, int64_t len, void *out, int64_t out_off,         \
+                             int64_t group, int64_t token_stride, int64_t kv_off,                   \
+                             int64_t block_size, float scale, int dtype) {                          \
+    float qf[MAX_GROUP][HD], acc[MAX_GROUP][HD], row_max[MAX_GROUP], row_sum[MAX_GROUP];            \
+    float kf[MAX_BLOCK][HD], scores[MAX_GROUP][MAX_BLOCK];                                          \
+    for (int64_t g = 0; g < group; g++) {                                                           \
+        load_row(q, q_off + g * HD, dtype, HD, qf[g]);                                              \
+        for (int64_t d = 0; d < HD; d++) { qf[g][d] *= scale; acc[g][d] = 0.f; }                    \
+        row_max[g] = -INFINITY;                                                                     \
+        row_sum[g] = 0.f;                                                                           \
+    }                                                                                               \
+    for (int64_t start = 0; start < len; start += block_size) {                                     \
+        const int64_t n = len - start < block_size ? len - start : block_size;                      \
+        const int64_t base = (int64_t)table[start / block_size] * block_size * token_stride + kv_off; \
+        for (int64_t t = 0; t < n; t++) load_row(k_cache, base + t * token_stride, dtype, HD, kf[t]); \
+        for (int64_t g = 0; g < group; g++) {                                                       \
+            float block_max = row_max[g];                                                           \
+            for (int64_t t = 0; t < n; t++) {                                                       \
+                float dot = 0.f;                                                                    \
+                _Pragma("omp simd reduction(+ : dot)")                                              \
+                for (int64_t d = 0; d < HD; d++) dot += qf[g][d] * kf[t][d];                        \
+                scores[g][t] = dot;                                                                 \
+                block_max = dot > block_max ? dot : block_max;                                      \
+            }                                                                                       \
+            const float correction = fast_exp(row_max[g] - block_max);                              \
+            float block_sum = 0.f;                                                                  \
+            _Pragma("omp simd reduction(+ : block_sum)")                                            \
+            for (int64_t t = 0; t < n; t++) {                                                       \
+                scores[g][t] = fast_exp(scores[g][t] - block_max);                                  \
+                block_sum += scores[g][t];                                                          \
+            }                                                                                       \
+            row_sum[g] = row_sum[g] * correction + block_sum;                                       \
+            for (int64_t d = 0; d < HD; d++) acc[g][d] *= correction;                               \
+            row_max[g] = block_max;                                                                 \
+        }                                                                                           \
+        for (int64_t t = 0; t < n; t++) {          /* kf now holds this block's values */           \
+            load_row(v_cache, base + t * token_stride, dtype, HD, kf[t]);                           \
+            for (int64_t g = 0; g < group; g++) {                                                   \
+                const float p = scores[g][t];                                                       \
+                for (int64_t d = 0; d < HD; d++) acc[g][d] += p * kf[t][d];                         \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    for (int64_t g = 0; g < group; g++) {                                                           \
+        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;                                \
+        for (int64_t d = 0; d < HD; d++) acc[g][d] *= inv;                                          \
+        store_row(out, out_off + g * HD, dtype, HD, acc[g]);                                        \
+    }                                                                                               \
+}
+
+DEFINE_DECODE_TASK(64)
+DEFINE_DECODE_TASK(128)
+DEFINE_DECODE_TASK(256)
+
 /* One query token per sequence attends to its whole paged context.
  * q: token s at q + s*q_stride, head h at +h*head_dim. caches: [blocks, block_size, kv_heads, head_dim].
- * out: [num_seqs, num_heads, head_dim] contiguous. Online softmax, one rescale per block. */
-void paged_decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-                            const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
-                            void *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t head_dim, int64_t block_size, float scale, int dtype) {
+ * out: [num_seqs, num_heads, head_dim] contiguous. head_dim must be 64, 128 or 256. */
+int paged_decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                           const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
+                           void *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                           int64_t head_dim, int64_t block_size, float scale, int dtype) {
+    if (head_dim != 64 && head_dim != 128 && head_dim != 256) return -1;
     const int64_t group = num_heads / num_kv_heads;
     const int64_t token_stride = num_kv_heads * head_dim;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t s = 0; s < num_seqs; s++) {
         for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
-            float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
-            float row_max[MAX_GROUP], row_sum[MAX_GROUP];
-            float kf[MAX_BLOCK][MAX_HEAD_DIM], scores[MAX_GROUP][MAX_BLOCK];
-            for (int64_t g = 0; g < group; g++) {
-                load_row(q, s * q_stride + (kvh * group + g) * head_dim, dtype, head_dim, qf[g]);
-                for (int64_t d = 0; d < head_dim; d++) { qf[g][d] *= scale; acc[g][d] = 0.f; }
-                row_max[g] = -INFINITY;
-                row_sum[g] = 0.f;
-            }
-            const int64_t len = seq_lens[s];
-            for (int64_t start = 0; start < len; start += block_size) {
-                const int64_t block = block_tables[s * max_blocks + start / block_size];
-                const int64_t n = len - start < block_size ? len - start : block_size;
-                const int64_t base = (block * block_size) * token_stride + kvh * head_dim;
-                for (int64_t t = 0; t < n; t++) load_row(k_cache, base + t * token_stride, dtype, head_dim, kf[t]);
-                for (int64_t g = 0; g < group; g++) {
-                    float block_max = row_max[g];
-                    for (int64_t t = 0; t < n; t++) {
-                        float dot = 0.f;
-                        for (int64_t d = 0; d < head_dim; d++) dot += qf[g][d] * kf[t][d];
-                        scores[g][t] = dot;
-                        block_max = dot > block_max ? dot : block_max;
-                    }
-                    const float correction = expf(row_max[g] - block_max);
-                    row_sum[g] *= correction;
-                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= correction;
-                    for (int64_t t = 0; t < n; t++) {
-                        scores[g][t] = expf(scores[g][t] - block_max);
-                        row_sum[g] += scores[g][t];
-                    }
-                    row_max[g] = block_max;
-                }
-                for (int64_t t = 0; t < n; t++) {   /* reuse kf for this block's values */
-                    load_row(v_cache, base + t * token_stride, dtype, head_dim, kf[t]);
-                    for (int64_t g = 0; g < group; g++) {
-                        const float p = scores[g][t];
-                        for (int64_t d = 0; d < head_dim; d++) acc[g][d] += p * kf[t][d];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-                for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= inv;
-                store_row(out, (s * num_heads + kvh * group + g) * head_dim, dtype, head_dim, acc[g]);
-            }
+            const int64_t q_off = s * q_stride + kvh * group * head_dim;
+            const int64_t out_off = (s * num_heads + kvh * group) * head_dim;
+            const int32_t *table = block_tables + s * max_blocks;
+            const int64_t kv_off = kvh * head_dim;
+            if (head_dim == 64)
+                decode_task_64(q, q_off, k_cache, v_cache, table, seq_lens[s], out, out_off, group,
+                               token_stride, kv_off, block_size, scale, dtype);
+            else if (head_dim == 128)
+                decode_task_128(q, q_off, k_cache, v_cache, table, seq_lens[s], out, out_off, group,
+                                token_stride, kv_off, block_size, scale, dtype);
+            else
+                decode_task_256(q, q_off, k_cache, v_cache, table, seq_lens[s], out, out_off, group,
+                                token_stride, kv_off, block_size, scale, dtype);
         }
     }
+    return 0;
 }
 
 /* residual (if given) += x, in place; out = rms_norm(residual or x) * weight. Rows contiguous. */
 void add_rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t rows,
                   int64_t hidden, float eps, int dtype) {
-#pragma omp parallel for schedule(static) if (rows * hidden > 32768)
+#pragma omp parallel for schedule(static) if (rows * hidden > 1048576)
     for (int64_t r = 0; r < rows; r++) {
         float buf[8192], w[8192];
         load_row(x, r * hidden, dtype, hidden, buf);
@@ -122,6 +170,7 @@ void add_rms_norm(const void *x, void *residual, const void *weight, void *out, 
             load_row(residual, r * hidden, dtype, hidden, buf);   /* normalize the rounded sum */
         }
         float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
         for (int64_t i = 0; i < hidden; i++) sq += buf[i] * buf[i];
         const float inv = 1.f / sqrtf(sq / (float)hidden + eps);
         load_row(weight, 0, dtype, hidden, w);
@@ -135,7 +184,7 @@ void add_rms_norm(const void *x, void *residual, const void *weight, void *out, 
 void rotary_inplace(void *x, int64_t token_stride, int64_t tokens, int64_t heads, int64_t head_dim,
                     const int64_t *positions, const float *cos_sin, int dtype) {
     const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) if (tokens * heads > 512)
+#pragma omp parallel for schedule(static) if (tokens * heads > 8192)
     for (int64_t t = 0; t < tokens; t++) {
         const float *cos = cos_sin + positions[t] * head_dim, *sin = cos + half;
         float v[MAX_HEAD_DIM], o[MAX_HEAD_DIM];
@@ -153,12 +202,13 @@ void rotary_inplace(void *x, int64_t token_stride, int64_t tokens, int64_t heads
 
 /* out[t, :] = silu(x[t, :inter]) * x[t, inter:] */
 void silu_and_mul(const void *x, void *out, int64_t tokens, int64_t inter, int dtype) {
-#pragma omp parallel for schedule(static) if (tokens * inter > 32768)
+#pragma omp parallel for schedule(static) if (tokens * inter > 1048576)
     for (int64_t t = 0; t < tokens; t++) {
         float g[16384], u[16384];
         load_row(x, t * 2 * inter, dtype, inter, g);
         load_row(x, t * 2 * inter + inter, dtype, inter, u);
-        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.f + fast_exp(-g[i])) * u[i];
         store_row(out, t * inter, dtype, inter, g);
     }
 }
