@@ -163,6 +163,7 @@ def aborted_requests(url: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.mark.slow   # starts a server
 def test_url_mode_streams_from_a_server_and_ctrl_c_aborts_the_request(server):
     chat = ChatProcess("--url", server, "--api-key", "sesame", "--temperature", "0")
     assert "gateway chat with llama" in chat.wait_for("> ")      # the model name came from /v1/models
@@ -182,6 +183,7 @@ def test_url_mode_streams_from_a_server_and_ctrl_c_aborts_the_request(server):
     assert chat.finish() == 0
 
 
+@pytest.mark.slow   # starts a server
 def test_url_mode_without_the_api_key_is_refused_at_start(server):
     done = subprocess.run(gateway_cmd("chat", "--url", server), capture_output=True, text=True, timeout=120,
                           input="hello\n", env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"})

@@ -122,6 +122,20 @@ def test_unknown_ids_are_404_and_bad_requests_are_400(client):
     assert client.post(f"/v1/sessions/{session_id}/chat", json={"content": "x", "n": 2}).status_code == 400
 
 
+def test_a_busy_session_refuses_a_second_chat_and_a_revert(client):
+    store = next(route.endpoint.__self__.store for route in client.app.routes if route.path == "/v1/sessions")
+    session_id = client.new_session()
+    say(client, session_id, "Hello")
+    store.sessions[session_id].busy = True     # as while a reply streams
+    try:
+        for path, body in [("chat", {"content": "again"}), ("revert", {"turn": 0})]:
+            response = client.post(f"/v1/sessions/{session_id}/{path}", json=body)
+            assert response.status_code == 409 and response.json()["error"]["code"] == "session_busy"
+        assert len(client.get(f"/v1/sessions/{session_id}").json()["turns"]) == 1
+    finally:
+        store.sessions[session_id].busy = False
+
+
 def test_sessions_over_the_limit_are_429(client):
     for _ in range(3):
         client.new_session()

@@ -2,7 +2,8 @@
 
 The request-body schemas describe exactly what gateway/api/protocol.py accepts: the same field
 names (tests/test_api_app.py checks the sets match), `additionalProperties: false` because
-unknown fields are 400s, and the same ranges. Pure data: building it has no side effects."""
+unknown fields are 400s, and the same ranges; the /v1/sessions* routes are those of
+gateway/api/sessions.py. Pure data: building it has no side effects."""
 
 from __future__ import annotations
 
@@ -96,6 +97,22 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": _STR, "type": _STR, "param": _nullable(_STR), "code": _nullable(_STR)}}}}
 _ANY = {"type": "object"}
+SESSION_CREATE_REQUEST = {"type": "object", "additionalProperties": False,
+                          "properties": {"system": _STR, "model": _STR},
+                          "description": "optional body; `system` is the session's system prompt"}
+SESSION_CHAT_REQUEST = {
+    "type": "object", "additionalProperties": False,
+    "properties": {**{k: v for k, v in CHAT_REQUEST["properties"].items() if k != "n"},
+                   "n": _nullable({"const": 1}),
+                   "messages": {"type": "array", "minItems": 1, "description": "only the new user message(s)",
+                                "items": {**_MESSAGE, "properties": {**_MESSAGE["properties"],
+                                                                     "role": {"const": "user"}}}},
+                   "content": {**_STR, "description": "shorthand for one new user message"}},
+    "oneOf": [{"required": ["messages"]}, {"required": ["content"]}],
+}
+SESSION_REVERT_REQUEST = {"type": "object", "required": ["turn"], "additionalProperties": False,
+                          "properties": {"turn": {**_INT, "minimum": 0,
+                                                  "description": "keep turns 0..turn-1, drop the rest"}}}
 
 
 def _op(summary: str, body: str | None = None, ok: str = "application/json", errors=(400,)) -> dict:
@@ -120,6 +137,25 @@ def _generation(summary: str, body: str) -> dict:
     return {**_op(summary, body, "application/json", _GEN_ERRORS), "parameters": [_TIMEOUT_HEADER]}
 
 
+def _session_paths() -> dict:
+    session_id = [{"name": "id", "in": "path", "required": True, "schema": _STR}]
+    create = _op("Create a chat session (the server keeps the history and its KV)", "SessionCreateRequest",
+                 errors=(400, 404, 413, 429))
+    create["requestBody"]["required"] = False
+    chat = {**_op("One turn: the new user message(s) → the reply, recorded in the session (SSE when "
+                  "stream=true)", "SessionChatRequest", errors=(*_GEN_ERRORS, 409)),
+            "parameters": [*session_id, _TIMEOUT_HEADER]}
+    return {
+        "/v1/sessions": {"post": create},
+        "/v1/sessions/{id}": {"get": {**_op("The session and its turns", errors=(404,)), "parameters": session_id},
+                              "delete": {**_op("Delete the session, unpinning its KV", errors=(404,)),
+                                         "parameters": session_id}},
+        "/v1/sessions/{id}/chat": {"post": chat},
+        "/v1/sessions/{id}/revert": {"post": {**_op("Drop the turns from `turn` on", "SessionRevertRequest",
+                                                    errors=(400, 404, 409, 413)), "parameters": session_id}},
+    }
+
+
 def build_openapi(model_name: str, version: str) -> dict:
     paths = {
         "/v1/chat/completions": {"post": _generation("Chat completion (SSE when stream=true)",
@@ -137,6 +173,7 @@ def build_openapi(model_name: str, version: str) -> dict:
         "/version": {"get": _op("Server version", errors=())},
         "/metrics": {"get": _op("Prometheus exposition", ok="text/plain", errors=(404,))},
         "/openapi.json": {"get": _op("This document", errors=())},
+        **_session_paths(),
     }
     return {
         "openapi": "3.1.0",
@@ -146,7 +183,8 @@ def build_openapi(model_name: str, version: str) -> dict:
         "components": {
             "schemas": {"ChatCompletionRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST,
                         "TokenizeRequest": TOKENIZE_REQUEST, "DetokenizeRequest": DETOKENIZE_REQUEST,
-                        "Error": ERROR},
+                        "SessionCreateRequest": SESSION_CREATE_REQUEST, "SessionChatRequest": SESSION_CHAT_REQUEST,
+                        "SessionRevertRequest": SESSION_REVERT_REQUEST, "Error": ERROR},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

@@ -197,6 +197,8 @@ class SessionRoutes:
                 Route("/v1/sessions/{id}/revert", self.revert, methods=["POST"])]
 
     async def _session(self, request, idle: bool = False) -> Session:
+        """The session named in the path; with idle=True, 409 while it generates a reply.
+        Callers read the body first, so no await separates this check from their change."""
         await self.store.sweep()
         session = self.store.get(request.path_params["id"])
         if idle and session.busy:
@@ -227,8 +229,8 @@ class SessionRoutes:
 
     @_guarded
     async def revert(self, request):
-        session = await self._session(request, idle=True)
         body = await _read_json(request)
+        session = await self._session(request, idle=True)
         turn = P.get(body, "turn", "integer")
         if turn is None or set(body) - {"turn"}:
             raise invalid("turn", "the body must be {\"turn\": N}")
@@ -238,8 +240,8 @@ class SessionRoutes:
     @_guarded
     async def chat(self, request):
         arrival = time.monotonic()
-        session = await self._session(request, idle=True)
         body = await _read_json(request)
+        session = await self._session(request, idle=True)
         new = _new_messages(body)
         full = {k: v for k, v in body.items() if k != "content"} | {"messages": session.messages() + new}
         req = P.parse_chat(full, self.api.info)
