@@ -94,3 +94,20 @@ def test_silu_and_mul_matches_reference(dtype):
     x = torch.randn(6, 2 * 1536).to(dtype)
     torch.testing.assert_close(cpu_ops.silu_and_mul(x).float(), reference.silu_and_mul(x).float(),
                                atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_reference_and_skips_padding(dtype):
+    torch.manual_seed(3)
+    kv_heads, dim, tokens = 3, 64, 6
+    qkv = torch.randn(tokens, (9 + 2 * kv_heads) * dim).to(dtype)
+    _, key, value = qkv.split([9 * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    key, value = key.view(tokens, kv_heads, dim), value.view(tokens, kv_heads, dim)
+    slots = torch.tensor([5, -1, 0, 17, -1, 31])
+    caches = [torch.full((4, 8, kv_heads, dim), 7.0, dtype=dtype) for _ in range(4)]
+    reference.store_kv(key, value, caches[0], caches[1], slots)
+    cpu_ops.store_kv(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[[5, 0, 17, 31]] = False
+    assert bool((caches[2].view(32, -1)[untouched] == 7.0).all()), "padding slots must not be written"

@@ -78,12 +78,23 @@ def _dtype(*tensors: torch.Tensor) -> int | None:
     return _DTYPE_CODES.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
+def _rows_ok(x: torch.Tensor) -> bool:
+    """Each token's [heads, head_dim] block is contiguous (the token stride may be wider)."""
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    lib = library()
+    if (lib is None or key.dtype != k_cache.dtype or value.dtype != v_cache.dtype or key.stride(0) != value.stride(0)
+            or not (_rows_ok(key) and _rows_ok(value) and k_cache.is_contiguous() and v_cache.is_contiguous())
+            or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()):
+        return reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    lib.store_kv(_ptr(key), _ptr(value), _i(key.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(slot_mapping),
+                 _i(key.shape[0]), _i(key.shape[1] * key.shape[2]), _i(key.element_size()))
 
 
 def _decode_supported(q, k_cache, group: int) -> bool:
-    return (q.stride(-1) == 1 and q.stride(-2) == q.shape[-1] and k_cache.is_contiguous()
+    return (_rows_ok(q) and k_cache.is_contiguous()
             and q.shape[-1] in (64, 128, 256) and group <= _MAX_GROUP and k_cache.shape[1] <= _MAX_BLOCK
             and _dtype(q, k_cache) is not None)
 
@@ -143,7 +154,7 @@ def silu_and_mul(x):
 
 
 def _rotary_ok(x, positions, cos_sin_cache) -> bool:
-    return (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and x.shape[-1] <= _MAX_HEAD_DIM
+    return (_rows_ok(x) and x.shape[-1] <= _MAX_HEAD_DIM
             and positions.dtype == torch.int64 and positions.is_contiguous()
             and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous())
 

@@ -212,3 +212,17 @@ void silu_and_mul(const void *x, void *out, int64_t tokens, int64_t inter, int d
         store_row(out, t * inter, dtype, inter, g);
     }
 }
+
+/* Copy each token's K and V rows [kv_heads * head_dim] into its cache slot; slots < 0 are
+ * padding and skipped. key/value rows are token_stride apart (views into the qkv output). */
+void store_kv(const void *key, const void *value, int64_t token_stride, void *k_cache, void *v_cache,
+              const int64_t *slots, int64_t tokens, int64_t row_elems, int64_t elem_size) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        memcpy((char *)k_cache + slot * row_elems * elem_size, (const char *)key + t * token_stride * elem_size,
+               row_elems * elem_size);
+        memcpy((char *)v_cache + slot * row_elems * elem_size, (const char *)value + t * token_stride * elem_size,
+               row_elems * elem_size);
+    }
+}
