@@ -144,6 +144,7 @@ def summarize(results: list[Result]) -> dict:
                                              key=lambda kv: str(kv[0]))),
         "error frames by code": dict(Counter(r.frame_error for r in results if r.frame_error)),
         "429 answers retried": sum(r.throttled for r in results),
+        "gave up after repeated 429s": sum(r.gave_up for r in results),
         "lost": outcomes["lost"],
         "responses >= 500": sum(r.server_error for r in results),
         "unexpected outcomes": sum(not r.as_expected for r in results),
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         alive = server is None or server.proc.poll() is None
         problems = failures(figures, alive)
         if args.json:
-            Path(args.json).write_text(json.dumps({**figures, "elapsed_s": elapsed, "failures": problems}, indent=1))
+            saved = {**figures, "elapsed_s": elapsed, "failures": problems}
+            Path(args.json).write_text(json.dumps(saved, indent=1))
         print("RESULT:", "FAIL (" + ", ".join(problems) + ")" if problems else "PASS", flush=True)
         if problems and server is not None:
             print(server.tail())

@@ -19,6 +19,7 @@ Dead workers are not restarted: the server reports 503 and exits non-zero (api/s
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -88,6 +89,7 @@ class TensorParallelExecutor:
         self._encoder = DeltaEncoder()
         self._monitor = threading.Thread(target=self._watch_workers, name="gateway-tp-monitor", daemon=True)
         self._monitor.start()
+        atexit.register(self.shutdown)   # an LLM nobody closed still stops its workers, frees the segment
         log.info("tensor parallel: %d ranks (%s collectives), worker pids %s, %d KV blocks per rank",
                  world, backend, self.worker_pids, self.num_blocks)
 

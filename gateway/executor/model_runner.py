@@ -100,7 +100,8 @@ class ModelRunner:
                                  f"tensor parallelism; use --tp 1")
         model.to(self.dtype)
         weights = iter_checkpoint if self.parallel else iter_weights
-        model.load_weights(weights(source.directory, self.dtype))
+        first_rank = self.parallel is None or self.parallel.rank == 0     # one progress bar, not N
+        model.load_weights(weights(source.directory, self.dtype, progress=first_rank))
         model.eval()
         if self.device.type == "cpu" and hasattr(model, "prepack"):
             model.prepack()

@@ -5,7 +5,8 @@ user model module, if any → (CUDA) select device `rank` → join the communica
 shm segment or the torch.distributed group) → build and load this rank's model shard →
 send WorkerReady(max KV blocks) → receive InitKVCache and allocate → loop: receive a
 StepMessage, update the sequence mirror, run the forward (taking part in every collective;
-rank 0 samples) → until Shutdown, or EOF when the driver is gone. Any error is reported as
+rank 0 samples) → until Shutdown, or EOF when the driver is gone. SIGINT is ignored (a
+terminal's Ctrl-C reaches the whole process group; the driver shuts the workers down). Any error is reported as
 WorkerFailed (the traceback) before exiting non-zero; the driver's monitor sees the exit."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import sys
 import traceback
 
@@ -47,6 +49,7 @@ def _start(spec: WorkerSpec):
     from gateway.models.tp_layers import ParallelContext
 
     config = spec.config
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the driver stops us
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[rank {spec.rank}]: %(message)s")
     torch.set_num_threads(spec.num_threads)
