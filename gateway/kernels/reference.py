@@ -56,17 +56,17 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     num_kv_heads = k_cache.shape[2]
     keys = _gather_context(k_cache, block_table[None], context_len)[0]    # [L, KVH, D]
     values = _gather_context(v_cache, block_table[None], context_len)[0]
-    group = num_heads // num_kv_heads
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-    offset = context_len - query_len
-    q_pos = torch.arange(query_len, device=q.device)[:, None] + offset
-    k_pos = torch.arange(context_len, device=q.device)[None, :]
-    mask = k_pos <= q_pos                                                 # [Q, L]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype),
-        attn_mask=mask, scale=scale)
+    q_t, k_t, v_t = q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
+    gqa = num_heads != num_kv_heads
+    if context_len == query_len:   # no cached prefix: plain causal, SDPA's fused (flash) path
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:                          # the chunk is the last query_len tokens: bottom-right causal mask
+        offset = context_len - query_len
+        q_pos = torch.arange(query_len, device=q.device)[:, None] + offset
+        k_pos = torch.arange(context_len, device=q.device)[None, :]
+        mask = torch.zeros(query_len, context_len, dtype=q.dtype, device=q.device)
+        mask.masked_fill_(k_pos > q_pos, float("-inf"))
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(0, 1)
 
 
