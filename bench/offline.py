@@ -58,7 +58,7 @@ def bench_transformers(args, prompts, batch_size: int) -> float:
     from gateway.models.loader import resolve_source
     from pathlib import Path
     source = resolve_source(args.model, Path("~/.cache/gateway").expanduser())
-    dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.hf_dtype]
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype).eval()
     out_tokens, start = 0, time.perf_counter()
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def bench_transformers(args, prompts, batch_size: int) -> float:
                                  min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
             out_tokens += (out.shape[1] - batch.shape[1]) * batch.shape[0]
     elapsed = time.perf_counter() - start
-    print(f"transformers : batch {batch_size}, {out_tokens} output tokens in {elapsed:.1f} s "
+    print(f"transformers : batch {batch_size} {args.hf_dtype}, {out_tokens} output tokens in {elapsed:.1f} s "
           f"= {out_tokens / elapsed:.1f} output tok/s")
     return out_tokens / elapsed
 
@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--hf", action="store_true", help="also run transformers' generate")
     p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--hf-dtype", default="float32", choices=["bfloat16", "float32"],
+                   help="transformers' dtype (fp32 is its faster CPU path: F.linear in bf16 is not prepacked)")
     p.add_argument("--profile", action="store_true", help="profile one decode step at batch 64")
     args = p.parse_args()
     prompts = random_prompts(args.num_prompts, args.input_len, 49152)

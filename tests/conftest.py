@@ -4,7 +4,6 @@ each supported architecture (with the default model's tokenizer), and free ports
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -52,9 +51,3 @@ def tiny_model(tmp_path, default_model_dir):
 def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
     """One tiny random-weight llama for the whole session (building one takes ~10 s)."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-session") / "llama", default_model_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,7 +17,7 @@ import time
 import httpx
 import orjson
 
-from conftest import free_port
+from procs import free_port
 from gateway.api.server import build_server
 from gateway.config import Config
 from gateway.engine.async_engine import AsyncEngine

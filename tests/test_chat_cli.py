@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port, make_tiny_model
+from conftest import make_tiny_model
+from procs import free_port
 
 pytestmark = pytest.mark.timeout(600)
 CONTEXT = 4096

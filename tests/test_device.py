@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import free_port, make_tiny_model
+from conftest import make_tiny_model
+from procs import free_port
 from gateway.cli import build_parser, config_from_args
 
 NO_CUDA_MESSAGE = "--device cuda was asked for, but no CUDA device is available"

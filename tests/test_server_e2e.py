@@ -23,10 +23,7 @@ MAX_MODEL_LEN = 1024
 MSG = [{"role": "user", "content": "Name three colors."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from procs import free_port as _free_port  # noqa: E402
 
 
 def _wait_ready(proc, url: str, log_path: str) -> None:

@@ -24,7 +24,8 @@ import httpx
 import pytest
 import torch
 
-from conftest import free_port, make_tiny_model
+from conftest import make_tiny_model
+from procs import free_port
 from gateway.engine.errors import EngineDeadError
 from gateway.executor.shm_comm import ShmCommunicator
 from gateway.executor.step_deltas import DeltaEncoder, SequenceMirror
