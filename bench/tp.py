@@ -129,10 +129,11 @@ def bench_throughput(args) -> None:
                       f"({row['elapsed_s']:.1f} s; rank-0 collectives {row['comm_s']:.2f} s in "
                       f"{row['comm_calls']} calls = {100 * row['comm_s'] / row['elapsed_s']:.0f}%)", flush=True)
     print("\nmedian output tok/s")
+    first, last = args.tp[0], args.tp[-1]
     for concurrency in args.concurrency:
-        by_tp = {tp: statistics.median(r["out_tok_s"] for r in rows if r["tp"] == tp and r["concurrency"] == concurrency)
-                 for tp in args.tp}
-        ratio = f"  tp{args.tp[-1]}/tp{args.tp[0]} = {by_tp[args.tp[-1]] / by_tp[args.tp[0]]:.2f}" if len(by_tp) > 1 else ""
+        by_tp = {tp: statistics.median(r["out_tok_s"] for r in rows
+                                       if r["tp"] == tp and r["concurrency"] == concurrency) for tp in args.tp}
+        ratio = f"  tp{last}/tp{first} = {by_tp[last] / by_tp[first]:.2f}" if len(by_tp) > 1 else ""
         print(f"concurrency {concurrency:3d}: " + ", ".join(f"tp={tp} {v:.1f}" for tp, v in by_tp.items()) + ratio)
 
 

@@ -2,9 +2,9 @@
 shared-memory collectives, greedy parity with tp=1 (tiny model in-process; the default model
 through `gateway serve`), and what a dead worker does to the engine and the server.
 
-Parity runs use float32: in bf16 a different (equally valid) split of the same sums rounds
-differently, and greedy output drifts after a few dozen tokens, as it does at tp=1 between
-two bf16 kernels (see the README's tensor-parallel section)."""
+Parity runs use float32: in bf16 a split reduction rounds differently (equally valid, not
+bit-identical) and the default model has near-ties that one bf16 ulp flips; splitting only
+o_proj/down_proj inside one tp=1 process already changes some greedy answers (README, design)."""
 
 from __future__ import annotations
 
@@ -183,8 +183,14 @@ def _greedy(model_dir, **config):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     with LLM(str(model_dir), **TINY, **config) as llm:
         preemptions = []
-        step = llm.core.step
-        llm.core.step = lambda: (lambda out: (preemptions.append(out[1].num_preemptions), out)[1])(step())
+        core_step = llm.core.step
+
+        def counting_step():
+            outputs, stats = core_step()
+            preemptions.append(stats.num_preemptions)
+            return outputs, stats
+
+        llm.core.step = counting_step
         tokens = [r.token_ids for r in llm.generate(prompts, params)]
         return tokens, sum(preemptions), llm.core.worker_pids
 
@@ -219,7 +225,7 @@ def test_a_killed_worker_fails_the_engine_within_seconds(tiny_tp_model):
         (pid,) = llm.core.worker_pids
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(EngineDeadError, match=f"pid {pid}"):
+        with pytest.raises(EngineDeadError, match="tensor-parallel rank 1"):
             while True:      # idle at first: check_health notices; then a step would too
                 llm.core.check_health()
                 llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))

@@ -137,12 +137,12 @@ class TensorParallelExecutor:
     def execute(self, scheduled) -> StepResult:
         self.check_health()
         payload = pickle.dumps(self._encoder.encode(scheduled), pickle.HIGHEST_PROTOCOL)
-        try:
-            for conn in self._conns:
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
                 conn.send_bytes(payload)
-        except OSError as exc:
-            self._declare_dead(f"cannot reach a tensor-parallel worker: {exc!r}")
-            self.check_health()
+            except OSError as exc:
+                self._declare_dead(f"cannot reach tensor-parallel rank {rank}: {exc!r}")
+                self.check_health()
         return self.runner.execute(scheduled)
 
     def check_health(self) -> None:

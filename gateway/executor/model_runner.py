@@ -72,8 +72,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         kernels.set_backend(config.kernel_backend)
         model_class, self.arch = registry.resolve(hf_config)
-        rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
-        self.num_kv_heads = shard_plan(self.arch, rank, world).attention.num_kv_heads   # on this rank
+        self.num_kv_heads = (self.arch.num_kv_heads if parallel is None else    # on this rank
+                             shard_plan(self.arch, parallel.rank, parallel.world_size).attention.num_kv_heads)
         self.model = self._load_model(model_class, source)
         self.block_size = config.block_size
         self.eos_token_ids = eos_token_ids

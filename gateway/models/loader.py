@@ -159,16 +159,17 @@ def materialize(tensor) -> torch.Tensor:
 
 
 def iter_checkpoint(directory: Path, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, CheckpointTensor]]:
-    """Like iter_weights, but lazily: tensor-parallel ranks read only their slices."""
+    """Like iter_weights, but lazily: tensor-parallel ranks read only their slices. Without
+    progress no tqdm is created at all (its multiprocessing lock would outlive a killed worker)."""
     from safetensors import safe_open
-    from tqdm import tqdm
     handles = [safe_open(str(f), framework="pt") for f in weight_files(directory)]
+    tensors = ((name, CheckpointTensor(handle, name, dtype)) for handle in handles for name in handle.keys())
+    if not progress:
+        yield from tensors
+        return
+    from tqdm import tqdm
     total = sum(len(h.keys()) for h in handles)
-    with tqdm(total=total, desc="loading weight shards", unit="tensor", disable=not progress, leave=False) as bar:
-        for handle in handles:
-            for name in handle.keys():
-                yield name, CheckpointTensor(handle, name, dtype)
-                bar.update(1)
+    yield from tqdm(tensors, total=total, desc="loading weight shards", unit="tensor", leave=False)
 
 
 def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
