@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gateway.api.errors import invalid, model_not_found
+from gateway.engine.errors import context_length_message
 from gateway.engine.messages import TokenLogprob
 from gateway.sampling.params import SamplingParams, SamplingParamsError
 
@@ -263,9 +264,7 @@ def finalize_params(req: GenerationRequest, choice: int, prompt_len: int, info: 
     max_tokens = req.max_tokens if req.max_tokens is not None else info.max_model_len - prompt_len
     if prompt_len + max_tokens > info.max_model_len or max_tokens < 1:
         raise invalid(prompt_param if req.max_tokens is None else "max_tokens",
-                      f"This model's maximum context length is {info.max_model_len} tokens. However, you "
-                      f"requested {prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, "
-                      f"{max(max_tokens, 1)} for the completion). Reduce the prompt or max_tokens.",
+                      context_length_message(info.max_model_len, prompt_len, max(max_tokens, 1)),
                       code="context_length_exceeded")
     seed = None if req.params.seed is None else req.params.seed + choice
     try:

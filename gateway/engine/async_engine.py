@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gateway.config import Config
 from gateway.engine.core import EngineCore
-from gateway.engine.errors import EngineDeadError, QueueFullError, RequestRejectedError
+from gateway.engine.errors import EngineDeadError, QueueFullError, check_context_length
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
 from gateway.sampling.params import SamplingParams
 
@@ -182,12 +182,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         if len(self._queues) >= self.config.max_waiting_requests + self.config.max_num_seqs:
             raise QueueFullError(f"too many requests in flight ({len(self._queues)}); retry later")
-        prompt_len, max_tokens = len(request.prompt_token_ids), request.params.max_tokens
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestRejectedError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
-                f"for the completion).", "max_tokens")
+        check_context_length(self.max_model_len, len(request.prompt_token_ids), request.params.max_tokens)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self._check_admission(request)

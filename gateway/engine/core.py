@@ -21,7 +21,7 @@ import torch
 
 from gateway.config import Config
 from gateway.engine.detokenizer import IncrementalDetokenizer
-from gateway.engine.errors import RequestRejectedError
+from gateway.engine.errors import RequestRejectedError, check_context_length
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
 from gateway.executor.executor import create_executor
 from gateway.models import registry
@@ -116,11 +116,7 @@ class EngineCore:
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
             raise RequestRejectedError("the prompt is empty", "prompt")
-        if prompt_len + request.params.max_tokens > self.max_model_len:
-            raise RequestRejectedError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
-                f"{request.params.max_tokens} for the completion).", "max_tokens")
+        check_context_length(self.max_model_len, prompt_len, request.params.max_tokens)
         vocab = self.runner.arch.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})", "prompt")
