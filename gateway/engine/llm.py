@@ -159,7 +159,7 @@ def _accumulate(result: GenerationResult, out: RequestOutput) -> None:
 
 def generate_command(config: Config, prompt: str, max_tokens: int, temperature: float, chat: bool) -> int:
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    with LLM(**{**config.__dict__}) as llm:    # closing stops tensor-parallel workers
+    with LLM(**vars(config)) as llm:    # closing stops tensor-parallel workers
         for delta in llm.stream(prompt, params, chat=chat):
             sys.stdout.write(delta.new_text)
             sys.stdout.flush()
