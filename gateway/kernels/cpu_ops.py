@@ -113,10 +113,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
         _ptr(meta.seq_lens), _ptr(out), _i(nd), _i(num_heads), _i(num_kv_heads), _i(head_dim),
         _i(block_size), ctypes.c_float(scale), ctypes.c_int(_dtype(q)))
-    for i in range(nd, meta.num_seqs):
-        start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
-        out[start:end] = reference._prefill_attention(q[start:end], k_cache, v_cache,
-                                                      meta.block_tables[i], meta.seq_lens_cpu[i], scale)
+    reference.prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
     return out
 
 

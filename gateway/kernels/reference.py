@@ -79,11 +79,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_len = max(meta.seq_lens_cpu[:nd])
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                      meta.seq_lens[:nd], max_len, scale)
-    for i in range(nd, meta.num_seqs):
+    prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
+    return out
+
+
+def prefill_attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> None:
+    """Fill `out` for the prefill chunks (sequences after the decodes), one sequence at a time."""
+    for i in range(meta.num_decodes, meta.num_seqs):
         start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
         out[start:end] = _prefill_attention(q[start:end], k_cache, v_cache,
                                             meta.block_tables[i], meta.seq_lens_cpu[i], scale)
-    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
