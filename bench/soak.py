@@ -2,12 +2,13 @@
 nothing is lost, nothing answers 5xx, and every KV block comes back.
 
     python bench/soak.py                        # 1,000 requests; starts its own server
-    python bench/soak.py --num-requests 60      # quick mode (tests/test_soak.py)
+    python bench/soak.py --num-requests 80      # quick mode (tests/test_soak.py)
     python bench/soak.py --url http://127.0.0.1:8000   # an existing server: not started or stopped
 
 Order of events: start `gateway serve` (unless --url) on a free loopback port with a pool
 small enough to force preemption (SERVER_ARGS) and wait for /ready → build a seeded plan
-(soak_plan.py): valid chat and completion requests of mixed lengths, streamed or not; streams
+(soak_plan.py) → send its opening burst of pressure requests together (they outgrow the pool,
+so preemption is certain) → then the rest: valid chat and completion requests of mixed lengths, streamed or not; streams
 the client drops mid-way (~10%); short X-Request-Timeout deadlines; invalid requests (bad JSON,
 unknown params, prompts past the context, bad logit_bias) → run it with --concurrency clients,
 each retrying a 429 after its Retry-After → poll /ready until kv_blocks_in_use is 0 → read
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 
-from soak_plan import Item, Result, build_plan, run_one  # noqa: E402
+from soak_plan import PRESSURE_BURST, Item, Result, build_plan, run_one  # noqa: E402
 
 SERVER_ARGS = ["--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", "512",
                "--max-num-seqs", "32", "--max-waiting-requests", "0"]
@@ -177,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(args.num_requests, args.seed)
         print(f"plan: {dict(Counter(item.kind for item in plan))}", flush=True)
         start = time.monotonic()
-        results = asyncio.run(run_plan(url, plan, args.concurrency, headers, args.request_timeout))
+        burst, rest = plan[:PRESSURE_BURST], plan[PRESSURE_BURST:]
+        results = asyncio.run(run_plan(url, burst, len(burst), headers, args.request_timeout))
+        results += asyncio.run(run_plan(url, rest, args.concurrency, headers, args.request_timeout))
         elapsed = time.monotonic() - start
         figures = summarize(results)
         figures["KV blocks in use at the end"] = blocks_in_use(url, headers)

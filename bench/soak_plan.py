@@ -1,6 +1,11 @@
 """The soak run's requests (a seeded plan) and the client that sends one and judges the outcome.
 
-Kinds, with their share of the plan and the outcome each must have:
+The plan opens with PRESSURE_BURST "pressure" completions that bench/soak.py sends together
+before anything else: 160-token prompts (10 blocks of 16) growing by 64 tokens each. They are
+two more than the soak server admits (--max-num-seqs 32, no waiting room), so 429s are certain,
+and any six of them need 84 blocks of its 64, so preemption is certain, whatever the timing.
+
+Kinds, with their share of the rest of the plan and the outcome each must have:
   completion 36%, chat 30%  valid; 200 and finished (a 429 is retried after Retry-After, up to
                             MAX_429_RETRIES times; a client that still gets 429 gives up, which
                             counts as a refusal, not a loss: n=2 requests need two free slots
@@ -22,6 +27,7 @@ import httpx
 import orjson
 
 MAX_429_RETRIES = 120
+PRESSURE_BURST = 34
 SERVER_ERROR_TYPES = {"InternalServerError", "ServiceUnavailableError"}
 KINDS = {"completion": 36, "chat": 30, "drop": 10, "deadline": 4,
          "bad_json": 5, "unknown_param": 5, "too_long": 5, "bad_logit_bias": 5}
@@ -67,7 +73,7 @@ class Result:
     def as_expected(self) -> bool:
         if self.gave_up and self.kind in ("completion", "chat", "drop", "deadline"):   # refused politely
             return True
-        if self.kind in ("completion", "chat"):
+        if self.kind in ("completion", "chat", "pressure"):
             return self.status == 200 and self.outcome == "completed"
         if self.kind == "drop":
             return self.status == 200 and self.outcome in ("dropped", "completed")
@@ -116,10 +122,17 @@ def _invalid(kind: str, rng: random.Random) -> Item:
     return Item(kind, "/v1/completions", body, stream=rng.random() < 0.3)
 
 
+def _pressure(rng: random.Random) -> Item:
+    body = {"prompt": [rng.randrange(100, 20000) for _ in range(160)], "max_tokens": 64,
+            "ignore_eos": True, "temperature": 0.0}
+    return Item("pressure", "/v1/completions", body)
+
+
 def build_plan(num_requests: int, seed: int = 0) -> list[Item]:
+    """PRESSURE_BURST pressure items first (fewer if the plan is shorter), then the mix of KINDS."""
     rng = random.Random(seed)
-    kinds = rng.choices(list(KINDS), weights=list(KINDS.values()), k=num_requests)
-    plan = []
+    plan = [_pressure(rng) for _ in range(min(PRESSURE_BURST, num_requests))]
+    kinds = rng.choices(list(KINDS), weights=list(KINDS.values()), k=num_requests - len(plan))
     for kind in kinds:
         if kind in ("completion", "chat"):
             plan.append(_valid(kind, rng, stream=rng.random() < 0.5))

@@ -1,5 +1,5 @@
 """The soak bench in quick mode: bench/soak.py starts its own server with the default model
-and a KV pool small enough to force preemption, sends 60 mixed requests (valid, dropped
+and a KV pool small enough to force preemption, sends 80 mixed requests (valid, dropped
 mid-stream, deadlines, invalid) with more clients than the server admits, and must report
 nothing lost, no 5xx and no KV block left in use."""
 
@@ -16,11 +16,11 @@ SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 def test_quick_soak_loses_nothing_and_returns_every_block(tmp_path):
     out = tmp_path / "soak.json"
-    proc = subprocess.run([sys.executable, str(SOAK), "--num-requests", "60", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(SOAK), "--num-requests", "80", "--json", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     figures = json.loads(out.read_text())
-    assert figures["failures"] == [] and figures["requests"] == 60
+    assert figures["failures"] == [] and figures["requests"] == 80
     assert figures["lost"] == 0 and figures["responses >= 500"] == 0 and figures["KV blocks in use at the end"] == 0
     assert figures["unexpected outcomes"] == 0
     assert figures["completed"] > 0 and figures["dropped by the client mid-stream"] > 0
