@@ -3,6 +3,10 @@ workload through transformers' generate (batched, left-padded) for comparison.
 
     python bench/offline.py --num-prompts 64 --input-len 256 --output-len 128 --hf
     python bench/offline.py --profile     # one decode step at batch 64 under torch.profiler
+    python bench/offline.py --single-stream --num-prompts 8 --input-len 128 --output-len 128
+
+--single-stream streams the prompts one after another (concurrency 1) and prints TTFT and
+inter-token latency, the offline side of bench/serve.py --max-concurrency 1.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ def bench_gateway(args, prompts) -> float:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads)
     params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True, temperature=0)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))     # warm-up
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))     # warm-up, as bench/serve.py's
+    if args.single_stream:
+        return bench_single_stream(llm, prompts, params)
     start = time.perf_counter()
     results = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -33,6 +39,26 @@ def bench_gateway(args, prompts) -> float:
           f"= {out_tokens / elapsed:.1f} output tok/s ({(out_tokens + sum(map(len, prompts))) / elapsed:.1f} total tok/s)")
     if args.profile:
         profile_decode(llm, prompts)
+    return out_tokens / elapsed
+
+
+def bench_single_stream(llm, prompts, params) -> float:
+    """TTFT and inter-token gaps of each prompt streamed alone, as bench/serve.py reports them."""
+    ttfts, itls, out_tokens, start = [], [], 0, time.perf_counter()
+    for prompt in prompts:
+        sent = last = time.perf_counter()
+        for i, _ in enumerate(llm.stream(prompt, params)):
+            now = time.perf_counter()
+            (itls if i else ttfts).append(now - (last if i else sent))
+            last, out_tokens = now, out_tokens + 1
+    elapsed = time.perf_counter() - start
+
+    def ms(values: list[float]) -> str:
+        values = sorted(values)
+        return (f"mean {1e3 * sum(values) / len(values):.2f} median {1e3 * values[len(values) // 2]:.2f} "
+                f"P99 {1e3 * values[int(0.99 * (len(values) - 1))]:.2f} ms")
+    print(f"gateway single stream: {len(prompts)} prompts, {out_tokens / elapsed:.1f} output tok/s\n"
+          f"  TTFT {ms(ttfts)}\n  ITL  {ms(itls)}")
     return out_tokens / elapsed
 
 
@@ -88,6 +114,7 @@ def main() -> None:
     p.add_argument("--hf-dtype", default="float32", choices=["bfloat16", "float32"],
                    help="transformers' dtype (fp32 is its faster CPU path: F.linear in bf16 is not prepacked)")
     p.add_argument("--profile", action="store_true", help="profile one decode step at batch 64")
+    p.add_argument("--single-stream", action="store_true", help="one prompt at a time: TTFT and ITL")
     args = p.parse_args()
     prompts = random_prompts(args.num_prompts, args.input_len, 49152)
     ours = bench_gateway(args, prompts)
