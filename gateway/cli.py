@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=256,
+                   help="prefill tokens in a step that also decodes: lower = steadier inter-token latency")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
@@ -127,7 +129,8 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> C
         model=model, model_module=args.model_module, dtype=args.dtype,
         device=args.device or environ.get("GATEWAY_DEVICE", "cpu"),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tp,
         num_threads=args.num_threads, tp_comm=args.tp_comm, kernel_backend=args.kernel_backend,

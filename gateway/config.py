@@ -37,6 +37,7 @@ class Config:
     # scheduling / KV cache
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    max_prefill_tokens_with_decodes: int = 256   # prefill share of a step that also decodes (ITL)
     block_size: int = 16
     kv_cache_memory: str | None = None    # bytes ("2GiB") for the KV pool
     num_kv_blocks: int | None = None      # or an exact block count (wins over kv_cache_memory)
@@ -74,7 +75,8 @@ class Config:
             raise ValueError(f"--device must be cpu, cuda or auto, not {self.device!r}")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel backend must be auto, torch or triton, not {self.kernel_backend!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes",
+                     "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -10,9 +10,10 @@ SAMPLED = 999
 
 
 def make_scheduler(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32,
-                   num_blocks=8, block_size=4, enable_prefix_caching=True) -> Scheduler:
+                   num_blocks=8, block_size=4, enable_prefix_caching=True,
+                   max_prefill_tokens_with_decodes=None) -> Scheduler:
     return Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len,
-                     num_blocks, block_size, enable_prefix_caching)
+                     num_blocks, block_size, enable_prefix_caching, max_prefill_tokens_with_decodes)
 
 
 def step(scheduler: Scheduler) -> SchedulerOutput:
@@ -66,6 +67,23 @@ def test_decodes_are_scheduled_before_waiting_prefills():
     output = step(scheduler)
     assert rows(output) == [("a", 1), ("b", 4)]
     assert output.num_batched_tokens == 5
+
+
+def test_prefill_chunks_are_capped_while_decodes_share_the_step():
+    scheduler = make_scheduler(max_prefill_tokens_with_decodes=6)
+    scheduler.add(Sequence("a", list(range(4))))
+    assert rows(step(scheduler)) == [("a", 4)]              # no decodes yet: the whole budget
+    scheduler.add(Sequence("b", list(range(100, 115))))
+    scheduler.add(Sequence("c", list(range(200, 203))))
+    assert rows(step(scheduler)) == [("a", 1), ("b", 6)]    # a decodes: b gets 6, c waits
+    assert rows(step(scheduler)) == [("a", 1), ("b", 6)]
+    assert rows(step(scheduler)) == [("a", 1), ("b", 3), ("c", 3)]   # the cap spans admissions
+    scheduler.abort("a")
+    scheduler.abort("b")
+    scheduler.add(Sequence("d", list(range(300, 315))))
+    assert rows(step(scheduler)) == [("c", 1), ("d", 6)]    # c now decodes: d is capped
+    scheduler.abort("c")
+    assert rows(step(scheduler)) == [("d", 9)]              # alone again: the rest of d at once
 
 
 def test_one_token_rows_lead_the_batch():

@@ -37,6 +37,7 @@ def scheduler_configs(draw) -> dict:
         num_blocks=num_blocks,
         block_size=block_size,
         enable_prefix_caching=draw(st.booleans()),
+        max_prefill_tokens_with_decodes=draw(st.one_of(st.none(), st.integers(1, 12))),
     )
 
 
@@ -68,6 +69,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         was_running = {seq.request_id for seq in self.scheduler.running}
         output = self.scheduler.schedule()
         assert output.num_batched_tokens <= self.scheduler.max_num_batched_tokens
+        decodes = [r for r in output.scheduled if r.num_new_tokens == 1 and r.samples]
+        if decodes:   # prefill chunks stay within their share of a step that decodes
+            prefill = output.num_batched_tokens - len(decodes)
+            assert prefill <= self.scheduler.max_prefill_tokens_with_decodes
         assert self.scheduler.num_running <= self.scheduler.max_num_seqs
         assert bool(output.scheduled) == had_work, "work was pending but nothing was scheduled"
         self.check_preemptions(output, was_running)

@@ -74,7 +74,8 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len, num_blocks=self.runner.num_blocks,
-            block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+            block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+            max_prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes)
         self.requests: dict[str, _Tracked] = {}
         budget = config.session_kv_budget_blocks
         self.pins = PrefixPins(self.scheduler.block_pool, self.runner.num_blocks // 2 if budget is None else budget)

@@ -1,5 +1,8 @@
 """Scheduler: decides, each engine step, which sequences compute how many tokens, under a
 token budget (max_num_batched_tokens), a sequence cap (max_num_seqs) and the KV block pool.
+A step that runs decodes gives prefill chunks at most max_prefill_tokens_with_decodes of its
+budget: one long prompt then costs every running stream a few short steps, not one step of
+seconds (inter-token latency); a step without decodes prefills with the whole budget.
 
 It owns the waiting queue, the running list (in admission order) and the KVCacheManager.
 One step, in order:
@@ -67,10 +70,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+                 num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_prefill_tokens_with_decodes: int | None = None):
         self._check_limits(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_with_decodes = max_prefill_tokens_with_decodes or max_num_batched_tokens
         self.max_model_len = max_model_len
         self.block_pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = KVCacheManager(self.block_pool)
@@ -178,12 +183,22 @@ class Scheduler:
         assert len(self.running) <= self.max_num_seqs, "max_num_seqs exceeded"
         return output
 
+    def _prefill_budget(self, output: SchedulerOutput, budget: int) -> int:
+        """Tokens a prefill chunk may take now: the budget, capped once decodes share the step."""
+        if not any(row.num_new_tokens == 1 and row.samples for row in output.scheduled):
+            return budget
+        chunked = sum(row.num_new_tokens for row in output.scheduled if not row.samples or row.num_new_tokens > 1)
+        return min(budget, self.max_prefill_tokens_with_decodes - chunked)
+
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            assert num_new >= 1, f"running sequence {seq.request_id!r} has nothing to compute"
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            assert remaining >= 1, f"running sequence {seq.request_id!r} has nothing to compute"
+            num_new = 1 if remaining == 1 else min(remaining, self._prefill_budget(output, budget))
+            if num_new < 1:
+                break  # only the newest can be mid-prefill, so nothing after it is left
             if not self._allocate_or_preempt(seq, num_new, output):
                 break  # seq preempted itself: it was the newest, nothing after it is left
             output.scheduled.append(ScheduledSequence(seq, num_new))
@@ -213,12 +228,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and self._prefill_budget(output, budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             computed_blocks, num_cached = [], 0
             if seq.num_computed_tokens == 0:
                 computed_blocks, num_cached = self.kv_cache.get_computed_prefix(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, self._prefill_budget(output, budget))
             if not self.kv_cache.allocate_slots(seq, num_new, computed_blocks):
                 break  # first come, first served: no overtaking the head of the queue
             self.waiting.popleft()
