@@ -1,14 +1,20 @@
-"""Kernel micro-benchmarks: each Triton kernel against its torch reference, as a table.
+"""Kernel micro-benchmarks: each kernel against its torch reference, as a table.
 
-On CUDA both paths are timed with triton.testing.do_bench (median ms). On CPU only the torch
-reference is a real figure (it is the CPU backend); with --interpret the Triton kernels also
-run under TRITON_INTERPRET=1 and are timed once, labelled "interpreter": that column measures
-the Python interpreter, not the kernel. Side effects: sets TRITON_INTERPRET before importing
-the kernels when --interpret is given; allocates the benchmark tensors; prints the table.
+On CUDA the Triton kernels and the reference are timed with triton.testing.do_bench (median
+ms). On CPU the second column is the C kernels (gateway.kernels.cpu_ops, the CPU backend),
+timed as the median of --reps calls, and the table gains one prefill_attention_into row per
+--prefill-chunks entry (one layer's prefill attention over the paged cache). With --interpret
+the CPU column is instead the Triton kernels under TRITON_INTERPRET=1, timed once, labelled
+"interpreter": that column measures the Python interpreter, not the kernel. Side effects:
+sets TRITON_INTERPRET before importing the kernels when --interpret is given; compiles the C
+kernels on first use; allocates the benchmark tensors; prints the table.
 
-    python bench/kernels.py                       # CUDA if available, else CPU reference only
+    python bench/kernels.py                       # CUDA if available, else CPU: C vs reference
     python bench/kernels.py --batch 64 --context 2048 --dtype bf16
     python bench/kernels.py --device cpu --interpret --batch 2 --context 64 --prefill-len 32
+    # SmolLM2-135M shapes on CPU: decode batch 64 x 300, prefill chunks with and without a prefix
+    python bench/kernels.py --device cpu --dtype bf16 --heads 9 --kv-heads 3 --head-dim 64 --hidden 576 \
+        --intermediate 1536 --batch 64 --context 300 --prefill-chunks 128+0,1024+0,512+1536
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-seqs", type=int, default=None, help="prefill sequences (4 / 1)")
     p.add_argument("--prefill-len", type=int, default=None, help="prefill chunk length (1024 / 128)")
     p.add_argument("--prefix-len", type=int, default=0, help="cached prefix before each chunk")
+    p.add_argument("--prefill-chunks", default="128+0,1024+0,512+1536",
+                   help="CPU: prefill_attention_into rows, one single-sequence chunk per QUERY+PREFIX entry")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -87,6 +95,20 @@ def attention_case(args, seqs, num_decodes):
     return call, kv_bytes + 2 * q.numel() * q.element_size()
 
 
+def prefill_chunk_case(args, query_len: int, prefix_len: int):
+    """One layer's prefill attention for a single chunk: prefill_attention_into(out, ...)."""
+    meta, num_blocks = make_metadata([(query_len, prefix_len + query_len)], 0, args.block_size, args.device)
+    shape = (num_blocks, args.block_size, args.kv_heads, args.head_dim)
+    k_cache = torch.randn(shape, device=args.device).to(args.dtype)
+    v_cache = torch.randn(shape, device=args.device).to(args.dtype)
+    q = torch.randn(query_len, args.heads, args.head_dim, device=args.device).to(args.dtype)
+    out = torch.empty_like(q)
+    scale = args.head_dim ** -0.5
+    kv_bytes = 2 * (prefix_len + query_len) * args.kv_heads * args.head_dim * k_cache.element_size()
+    return (lambda ops: ops.prefill_attention_into(out, q, k_cache, v_cache, meta, scale),  # noqa: E731
+            kv_bytes + 2 * q.numel() * q.element_size())
+
+
 def build_cases(args) -> list[tuple[str, str, object, int]]:
     """(name, shape, call(ops), bytes moved) for every kernel."""
     dev, dt = args.device, args.dtype
@@ -106,7 +128,14 @@ def build_cases(args) -> list[tuple[str, str, object, int]]:
     chunk = (args.prefill_len, args.prefix_len + args.prefill_len)
     prefill, prefill_bytes = attention_case(args, [chunk] * args.prefill_seqs, 0)
     heads = f"H{args.heads}/{args.kv_heads}"
-    return [
+    chunk_rows = []
+    if args.device == "cpu" and not args.interpret:
+        for spec in filter(None, args.prefill_chunks.split(",")):
+            query_len, prefix_len = (int(x) for x in spec.split("+"))
+            call, nbytes = prefill_chunk_case(args, query_len, prefix_len)
+            chunk_rows.append(("prefill_attention_into", f"{query_len}+{prefix_len} {heads} D{args.head_dim}",
+                               call, nbytes))
+    return chunk_rows + [
         ("paged_attention decode", f"{args.batch}x{args.context} {heads}", decode, decode_bytes),
         ("paged_attention prefill", f"{args.prefill_seqs}x{chunk[0]}+{args.prefix_len} {heads}",
          prefill, prefill_bytes),
@@ -138,28 +167,29 @@ def main(argv=None) -> None:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"     # must precede the kernels' decoration
     from gateway.kernels import reference
-    run_triton = args.device == "cuda" or args.interpret
-    triton_ops = None
-    if run_triton:
-        from gateway.kernels import triton_ops
+    gpu = args.device == "cuda"
+    if gpu or args.interpret:
+        from gateway.kernels import triton_ops as other
+        label = "triton ms" if gpu else "interpreter ms (NOT perf)"
+    else:
+        from gateway.kernels import cpu_ops as other
+        label = "C ms" if other.available() else "C ms (no compiler: torch)"
+    real = gpu or not args.interpret          # the second column is a kernel's real time
     cases = build_cases(args)
-    label = "triton ms" if args.device == "cuda" else "interpreter ms (NOT perf)"
     print(f"device={args.device} dtype={str(args.dtype).removeprefix('torch.')} "
           f"threads={torch.get_num_threads()}")
-    print(f"{'kernel':<24}{'shape':<26}{'reference ms':>14}{label:>27}{'speedup':>9}{'triton GB/s':>13}")
+    print(f"{'kernel':<24}{'shape':<26}{'reference ms':>14}{label:>27}{'speedup':>9}{'GB/s':>13}")
     for name, shape, call, nbytes in cases:
-        if args.device == "cuda":
+        if gpu:
             import triton.testing
             ref_ms = triton.testing.do_bench(lambda: call(reference), return_mode="median")
-            tri_ms = triton.testing.do_bench(lambda: call(triton_ops), return_mode="median")
+            new_ms = triton.testing.do_bench(lambda: call(other), return_mode="median")
         else:
             ref_ms = time_cpu(lambda: call(reference), args.reps)
-            tri_ms = time_cpu(lambda: call(triton_ops), 1) if run_triton else None
-        tri = f"{tri_ms:27.3f}" if tri_ms is not None else f"{'-':>27}"
-        gpu = args.device == "cuda"
-        speedup = f"{ref_ms / tri_ms:9.2f}" if gpu else f"{'-':>9}"
-        bandwidth = f"{nbytes / tri_ms / 1e6:13.1f}" if gpu else f"{'-':>13}"
-        print(f"{name:<24}{shape:<26}{ref_ms:14.3f}{tri}{speedup}{bandwidth}")
+            new_ms = time_cpu(lambda: call(other), args.reps if real else 1)
+        speedup = f"{ref_ms / new_ms:9.2f}" if real else f"{'-':>9}"
+        bandwidth = f"{nbytes / new_ms / 1e6:13.1f}" if real else f"{'-':>13}"
+        print(f"{name:<24}{shape:<26}{ref_ms:14.3f}{new_ms:27.3f}{speedup}{bandwidth}")
 
 
 if __name__ == "__main__":

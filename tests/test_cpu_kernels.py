@@ -41,7 +41,10 @@ def decode_case(dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (64, 4)])
-def test_paged_decode_attention_matches_reference(dtype, heads, head_dim, block_size):
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["auto", "decode_kernel"])
+def test_paged_decode_attention_matches_reference(dtype, heads, head_dim, block_size, decode_kernel, monkeypatch):
+    if decode_kernel:     # bf16 decodes run paged_decode_attention, not 1-token prefill chunks
+        monkeypatch.setattr(cpu_ops, "_bf16_dot", False)
     # lengths ending exactly on a block boundary, one past it, a single token, ragged
     lens = [block_size, block_size + 1, 1, 3 * block_size + 7]
     q, k_cache, v_cache, meta = decode_case(dtype, *heads, head_dim, block_size, lens, prefill_len=6)
@@ -49,6 +52,102 @@ def test_paged_decode_attention_matches_reference(dtype, heads, head_dim, block_
     got = cpu_ops.paged_attention(q, k_cache, v_cache, meta, scale)
     want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def flat_batch(dtype, num_heads, num_kv_heads, head_dim, block_size, seqs, num_decodes, seed=0):
+    """Paged caches and metadata for seqs = [(query_len, context_len)], decodes first, pages
+    handed out in shuffled order. Every cache slot that belongs to no context (the tail of a
+    last block, spare blocks) holds NaN, so reading past a context poisons the output."""
+    torch.manual_seed(seed)
+    blocks_per_seq = [-(-ctx // block_size) for _, ctx in seqs]
+    num_blocks = sum(blocks_per_seq) + 2
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan")) for _ in range(2)]
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(seqs), max(blocks_per_seq) + 1, dtype=torch.int32)
+    for i, ((_, ctx), nb) in enumerate(zip(seqs, blocks_per_seq)):
+        tables[i, :nb] = torch.tensor([perm.pop() for _ in range(nb)])
+        for cache in caches:
+            pages = cache[tables[i, :nb].long()].flatten(0, 1)       # [nb * block_size, KVH, D]
+            pages[:ctx] = torch.randn(ctx, num_kv_heads, head_dim)
+            cache[tables[i, :nb].long()] = pages.view(nb, block_size, num_kv_heads, head_dim)
+    starts = [0]
+    for query_len, _ in seqs:
+        starts.append(starts[-1] + query_len)
+    lens = [ctx for _, ctx in seqs]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables, max_query_len=max(q for q, _ in seqs),
+        max_seq_len=max(lens), num_decodes=num_decodes, query_start_loc_cpu=starts, seq_lens_cpu=lens)
+    qkv = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim)   # q: a strided view, as in the model
+    q = qkv.to(dtype)[:, : num_heads * head_dim].view(starts[-1], num_heads, head_dim)
+    return q, caches[0].to(dtype), caches[1].to(dtype), meta
+
+
+def causal_attention(q, k_cache, v_cache, meta, scale):
+    """Plain float64 paged causal attention, written out independently of the reference: query
+    token i of a chunk of Q tokens in a context of L sees key positions [0, L - Q + i]."""
+    num_heads, block_size, num_kv_heads = q.shape[1], k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s, ctx in enumerate(meta.seq_lens_cpu):
+        start, end = meta.query_start_loc_cpu[s], meta.query_start_loc_cpu[s + 1]
+        positions = torch.arange(ctx)
+        slots = meta.block_tables[s, positions // block_size].long() * block_size + positions % block_size
+        keys = k_cache.flatten(0, 1)[slots].double().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        values = v_cache.flatten(0, 1)[slots].double().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].double(), keys) * scale
+        limits = torch.arange(end - start) + ctx - (end - start)
+        scores.masked_fill_(positions[None, None, :] > limits[None, :, None], float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    return out
+
+
+GROUPS = {1: (3, 3), 3: (9, 3), 4: (8, 2)}
+# (query_len, context_len): no cached prefix, and chunks after a prefix; lengths on and off the
+# 16-token query tile and the 64-key tile, down to a single-token chunk.
+PREFILL_CHUNKS = [(1, 1), (2, 2), (5, 5), (17, 17), (64, 64), (200, 200), (1, 50), (5, 37), (17, 100), (34, 60),
+                  (64, 65), (200, 333)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_decodes", [0, 3], ids=["prefill_only", "mixed"])
+def test_paged_prefill_attention_matches_causal_formula(dtype, head_dim, group, block_size, num_decodes):
+    decodes = [(1, 1), (1, block_size + 1), (1, 75)][:num_decodes]
+    q, k_cache, v_cache, meta = flat_batch(dtype, *GROUPS[group], head_dim, block_size,
+                                           decodes + PREFILL_CHUNKS, num_decodes)
+    scale = head_dim ** -0.5
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    want = causal_attention(q, k_cache, v_cache, meta, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_attention_matches_reference(dtype):
+    q, k_cache, v_cache, meta = flat_batch(dtype, 9, 3, 64, 16, [(1, 40), (30, 30), (23, 90)], 1)
+    for cache in (k_cache, v_cache):
+        cache.nan_to_num_(0.0)          # the reference gathers whole pages
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, 0.125)
+    torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_paged_prefill_attention_is_causal():
+    # Keys after a token's position carry huge values: any leak past the causal limit shows.
+    q, k_cache, v_cache, meta = flat_batch(torch.float32, 9, 3, 64, 16, [(40, 40), (20, 57)], 0)
+    for s, (start, ctx) in enumerate(zip(meta.query_start_loc_cpu, meta.seq_lens_cpu)):
+        query_len = meta.query_start_loc_cpu[s + 1] - start
+        want = causal_attention(q, k_cache, v_cache, meta, 0.125)[start:start + query_len]
+        positions = torch.arange(ctx)
+        slots = meta.block_tables[s, positions // 16].long() * 16 + positions % 16
+        for i in range(query_len):     # poison every key after token i, then check token i
+            poisoned = v_cache.clone()
+            future = slots[ctx - query_len + i + 1:]
+            poisoned.view(-1, 3, 64)[future] = 1e6
+            got = cpu_ops.paged_attention(q, k_cache, poisoned, meta, 0.125)
+            torch.testing.assert_close(got[start + i].double(), want[i], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,9 +2,14 @@
 
 On first use the C file is compiled with the system C compiler (-O3 -march=native -fopenmp)
 into the temp directory, keyed by a hash of source and flags, and loaded with ctypes; it
-links the libgomp that torch has already loaded, so both share one thread pool. Anything
-the C code does not cover (prefill attention, unusual shapes or dtypes, no compiler) runs
-the torch reference instead, so results never depend on whether the build succeeded."""
+links the libgomp that torch has already loaded, so both share one thread pool.
+paged_attention runs the whole flat batch in C: paged_prefill_attention (tiles of 16 query
+tokens x kv head, causal, online softmax, reading the paged cache in place) for the prefill
+chunks, and paged_decode_attention for the decodes, except where bf16 runs on vdpbf16ps
+(AVX512-BF16): there the decodes are 1-token chunks of the same prefill call, which is
+faster. Anything the C code does not cover (head dims other than 64/128/256, dtypes other
+than fp32/bf16, no compiler) runs the torch reference instead, so results never depend on
+whether the build succeeded."""
 
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_HEAD_DIM, _MAX_GROUP, _MAX_BLOCK, _MAX_HIDDEN, _MAX_INTER = 256, 32, 128, 8192, 16384
 _lib = None
 _load_failed = False
+_bf16_dot: bool | None = None    # the library's prefill_bf16_dot(), asked once
 
 
 def _build() -> ctypes.CDLL | None:
@@ -93,28 +99,79 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
                  _i(key.shape[0]), _i(key.shape[1] * key.shape[2]), _i(key.element_size()))
 
 
-def _decode_supported(q, k_cache, group: int) -> bool:
-    return (_rows_ok(q) and k_cache.is_contiguous()
-            and q.shape[-1] in (64, 128, 256) and group <= _MAX_GROUP and k_cache.shape[1] <= _MAX_BLOCK
-            and _dtype(q, k_cache) is not None)
+def _attention_ok(q, k_cache, v_cache) -> bool:
+    """What both C attention kernels need (the decode kernel also bounds group and block size)."""
+    return (_rows_ok(q) and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and q.shape[-1] in (64, 128, 256) and q.shape[1] % k_cache.shape[2] == 0
+            and _dtype(q, k_cache, v_cache) is not None)
+
+
+def _int32(t: torch.Tensor, host: list[int]) -> torch.Tensor:
+    """The metadata tensor if it is a contiguous int32 CPU tensor, else one built from the host list."""
+    if t.dtype == torch.int32 and t.is_contiguous() and not t.is_cuda:
+        return t
+    return torch.tensor(host, dtype=torch.int32)
+
+
+def _tables(meta: AttentionMetadata) -> torch.Tensor:
+    return meta.block_tables.to(torch.int32).contiguous()     # no copy when it already is
+
+
+def _shape_args(q, k_cache, scale) -> tuple:
+    return (_i(q.shape[1]), _i(k_cache.shape[2]), _i(q.shape[2]), _i(k_cache.shape[1]), ctypes.c_float(scale),
+            ctypes.c_int(_dtype(q)))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    nd = meta.num_decodes
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    lib = library()
-    if lib is None or nd == 0 or not _decode_supported(q, k_cache, num_heads // num_kv_heads):
+    """Decodes with paged_decode_attention, prefill chunks with paged_prefill_attention; with
+    bf16 dot products (AVX512-BF16) the decodes run in the prefill kernel too, as 1-token chunks,
+    which is faster there (one call for the whole batch)."""
+    lib, nd = library(), meta.num_decodes
+    group = q.shape[1] // k_cache.shape[2]
+    if lib is None or not _attention_ok(q, k_cache, v_cache):
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale)
+    global _bf16_dot
+    if _bf16_dot is None:
+        _bf16_dot = lib.prefill_bf16_dot() == 1
+    decodes_as_chunks = _bf16_dot and _dtype(q) == 1
+    if nd and not decodes_as_chunks and (group > _MAX_GROUP or k_cache.shape[1] > _MAX_BLOCK):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype)
-    tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
-    lib.paged_decode_attention(
-        _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
-        _ptr(meta.seq_lens), _ptr(out), _i(nd), _i(num_heads), _i(num_kv_heads), _i(head_dim),
-        _i(block_size), ctypes.c_float(scale), ctypes.c_int(_dtype(q)))
-    reference.prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
+    if nd and not decodes_as_chunks:
+        tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)   # alive across the call
+        lib.paged_decode_attention(
+            _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
+            _ptr(seq_lens), _ptr(out), _i(nd), *_shape_args(q, k_cache, scale))
+    if _chunks_into(lib, out, q, k_cache, v_cache, meta, scale, 0 if decodes_as_chunks else nd) != 0:
+        if decodes_as_chunks:
+            return reference.paged_attention(q, k_cache, v_cache, meta, scale)
+        reference.prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
     return out
+
+
+def prefill_attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> None:
+    """Like the reference: fill `out` [T, H, D] for the prefill chunks (sequences after the
+    decodes), here all chunks in one paged_prefill_attention call (tasks of 16 query tokens x
+    kv head, run in parallel)."""
+    lib = library()
+    if (lib is None or not _attention_ok(q, k_cache, v_cache) or out.dtype != q.dtype
+            or not out.is_contiguous() or out.shape != q.shape
+            or _chunks_into(lib, out, q, k_cache, v_cache, meta, scale, meta.num_decodes) != 0):
+        reference.prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
+
+
+def _chunks_into(lib, out, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, first_seq: int) -> int:
+    """paged_prefill_attention for sequences [first_seq, num_seqs); nonzero: out is incomplete."""
+    if first_seq >= meta.num_seqs:
+        return 0
+    tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)       # alive across the call
+    starts = _int32(meta.query_start_loc, meta.query_start_loc_cpu)
+    return lib.paged_prefill_attention(
+        _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
+        _ptr(seq_lens), _ptr(starts), _ptr(out), _i(first_seq), _i(meta.num_seqs),
+        *_shape_args(q, k_cache, scale))
 
 
 def _norm(x, residual, weight, eps):
