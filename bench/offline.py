@@ -26,7 +26,8 @@ def bench_gateway(args, prompts) -> float:
     from gateway.engine.llm import LLM
     from gateway.sampling.params import SamplingParams
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes, num_threads=args.threads)
     params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True, temperature=0)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))     # warm-up, as bench/serve.py's
     if args.single_stream:
@@ -108,6 +109,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--hf", action="store_true", help="also run transformers' generate")
     p.add_argument("--hf-batch", type=int, default=32)

@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=256,
+    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=512,
                    help="prefill tokens in a step that also decodes: lower = steadier inter-token latency")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")

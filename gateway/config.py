@@ -37,7 +37,7 @@ class Config:
     # scheduling / KV cache
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
-    max_prefill_tokens_with_decodes: int = 256   # prefill share of a step that also decodes (ITL)
+    max_prefill_tokens_with_decodes: int = 512   # prefill share of a step that also decodes (ITL)
     block_size: int = 16
     kv_cache_memory: str | None = None    # bytes ("2GiB") for the KV pool
     num_kv_blocks: int | None = None      # or an exact block count (wins over kv_cache_memory)

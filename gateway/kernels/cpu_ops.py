@@ -1,7 +1,7 @@
-"""CPU kernels in C (kernels.c beside this package), with the reference signatures.
+"""CPU kernels in C (cpu/*.c beside this module), with the reference signatures.
 
-On first use the C file is compiled with the system C compiler (-O3 -march=native -fopenmp)
-into the temp directory, keyed by a hash of source and flags, and loaded with ctypes; it
+On first use the C files are compiled into one library with the system C compiler (-O3 -march=native -fopenmp)
+into the temp directory, keyed by a hash of the sources and flags, and loaded with ctypes; it
 links the libgomp that torch has already loaded, so both share one thread pool.
 paged_attention runs the whole flat batch in C: paged_prefill_attention (tiles of 16 query
 tokens x kv head, causal, online softmax, reading the paged cache in place) for the prefill
@@ -29,7 +29,7 @@ from gateway.kernels.metadata import AttentionMetadata
 
 log = logging.getLogger("gateway.kernels")
 
-_SOURCE = Path(__file__).with_name("cpu") / "kernels.c"
+_SOURCE_DIR = Path(__file__).with_name("cpu")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_HEAD_DIM, _MAX_GROUP, _MAX_BLOCK, _MAX_HIDDEN, _MAX_INTER = 256, 32, 128, 8192, 16384
@@ -43,11 +43,13 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: CPU kernels fall back to torch")
         return None
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    sources = sorted(_SOURCE_DIR.glob("*.c"))
+    text = b"".join(path.read_bytes() for path in sorted(_SOURCE_DIR.glob("*.[ch]")))
+    digest = hashlib.sha256(text + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / f"gateway-cpu-kernels-{digest}-{os.getuid()}.so"
     if not target.exists():
         partial = target.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(partial), "-lm"],
+        result = subprocess.run([compiler, *_FLAGS, *map(str, sources), "-o", str(partial), "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             log.warning("CPU kernels failed to compile, falling back to torch:\n%s", result.stderr[-2000:])
