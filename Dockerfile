@@ -9,6 +9,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# A C compiler: gateway's CPU kernels (gateway/kernels/cpu/*.c) compile on first use into
+# /tmp; without one they fall back to slower torch code.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # The CPU build of torch first: `pip install .` then finds torch>=2.4 satisfied
 # instead of pulling a multi-GB CUDA build.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
