@@ -6,7 +6,7 @@ workload through transformers' generate (batched, left-padded) for comparison.
     python bench/offline.py --single-stream --num-prompts 8 --input-len 128 --output-len 128
 
 --single-stream streams the prompts one after another (concurrency 1) and prints TTFT and
-inter-token latency, the offline side of bench/serve.py --max-concurrency 1.
+inter-token latency, the offline side of bench/latency.py (the same prompts through HTTP).
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ def bench_gateway(args, prompts) -> float:
     return out_tokens / elapsed
 
 
+def format_latencies(seconds: list[float]) -> str:
+    values = sorted(seconds)
+    return (f"mean {1e3 * sum(values) / len(values):.2f} median {1e3 * values[len(values) // 2]:.2f} "
+            f"P99 {1e3 * values[int(0.99 * (len(values) - 1))]:.2f} ms")
+
+
 def bench_single_stream(llm, prompts, params) -> float:
     """TTFT and inter-token gaps of each prompt streamed alone, as bench/serve.py reports them."""
     ttfts, itls, out_tokens, start = [], [], 0, time.perf_counter()
@@ -53,13 +59,8 @@ def bench_single_stream(llm, prompts, params) -> float:
             (itls if i else ttfts).append(now - (last if i else sent))
             last, out_tokens = now, out_tokens + 1
     elapsed = time.perf_counter() - start
-
-    def ms(values: list[float]) -> str:
-        values = sorted(values)
-        return (f"mean {1e3 * sum(values) / len(values):.2f} median {1e3 * values[len(values) // 2]:.2f} "
-                f"P99 {1e3 * values[int(0.99 * (len(values) - 1))]:.2f} ms")
     print(f"gateway single stream: {len(prompts)} prompts, {out_tokens / elapsed:.1f} output tok/s\n"
-          f"  TTFT {ms(ttfts)}\n  ITL  {ms(itls)}")
+          f"  TTFT {format_latencies(ttfts)}\n  ITL  {format_latencies(itls)}")
     return out_tokens / elapsed
 
 
