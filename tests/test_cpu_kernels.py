@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -210,3 +212,46 @@ def test_store_kv_matches_reference_and_skips_padding(dtype):
     untouched = torch.ones(32, dtype=torch.bool)
     untouched[[5, 0, 17, 31]] = False
     assert bool((caches[2].view(32, -1)[untouched] == 7.0).all()), "padding slots must not be written"
+
+
+DECODE_GROUPS = {1: (3, 3), 3: (9, 3), 4: (8, 2), 8: (8, 1)}
+DECODE_LENS = [1, 5, 16, 17, 300]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decodes", "mixed"])
+def test_bf16_decode_kernel_matches_formula(head_dim, group, block_size, prefill):
+    """bf16 decodes (paged_decode_attention_bf16 where AVX512-BF16 is there, else the fallbacks),
+    alone and ahead of prefill chunks, against the float64 formula, NaN past every context."""
+    decodes = [(1, n) for n in DECODE_LENS + [33, 64, 2]]
+    chunks = [(5, 5), (17, 40), (1, 20)] if prefill else []
+    q, k_cache, v_cache, meta = flat_batch(torch.bfloat16, *DECODE_GROUPS[group], head_dim, block_size,
+                                           decodes + chunks, len(decodes), seed=group)
+    scale = head_dim ** -0.5
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    want = causal_attention(q, k_cache, v_cache, meta, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_bf16_decode_kernel_direct(head_dim, group):
+    """The C kernel itself (where built with AVX512-BF16): every decode row written, equal to the formula."""
+    lib = cpu_ops.library()
+    decodes = [(1, n) for n in DECODE_LENS]
+    q, k_cache, v_cache, meta = flat_batch(torch.bfloat16, *DECODE_GROUPS[group], head_dim, 16, decodes, len(decodes))
+    scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16)
+    tables, lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
+    rc = lib.paged_decode_attention_bf16(
+        cpu_ops._ptr(q), cpu_ops._i(q.stride(0)), cpu_ops._ptr(k_cache), cpu_ops._ptr(v_cache), cpu_ops._ptr(tables),
+        cpu_ops._i(tables.shape[1]), cpu_ops._ptr(lens), cpu_ops._ptr(out), cpu_ops._i(len(decodes)),
+        cpu_ops._i(q.shape[1]), cpu_ops._i(k_cache.shape[2]), cpu_ops._i(head_dim), cpu_ops._i(16),
+        ctypes.c_float(scale))
+    if rc != 0:
+        pytest.skip("no AVX512-BF16: paged_decode_attention_bf16 is a stub")
+    want = causal_attention(q, k_cache, v_cache, meta, scale)
+    torch.testing.assert_close(out.double(), want, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])

@@ -6,10 +6,11 @@ links the libgomp that torch has already loaded, so both share one thread pool.
 paged_attention runs the whole flat batch in C: paged_prefill_attention (tiles of 16 query
 tokens x kv head, causal, online softmax, reading the paged cache in place) for the prefill
 chunks, and paged_decode_attention for the decodes, except where bf16 runs on vdpbf16ps
-(AVX512-BF16): there the decodes are 1-token chunks of the same prefill call, which is
-faster. Anything the C code does not cover (head dims other than 64/128/256, dtypes other
-than fp32/bf16, no compiler) runs the torch reference instead, so results never depend on
-whether the build succeeded."""
+(AVX512-BF16): there the decodes run paged_decode_attention_bf16 (decode_bf16.c: lanes over
+keys, head dims 64/128, group <= 8), else 1-token chunks of the prefill call. Anything the
+C code does not cover (head dims other than 64/128/256, dtypes other than fp32/bf16, no
+compiler) runs the torch reference instead, so results never depend on whether the build
+succeeded."""
 
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ def _shape_args(q, k_cache, scale) -> tuple:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Decodes with paged_decode_attention, prefill chunks with paged_prefill_attention; with
-    bf16 dot products (AVX512-BF16) the decodes run in the prefill kernel too, as 1-token chunks,
-    which is faster there (one call for the whole batch)."""
+    bf16 dot products (AVX512-BF16) the decodes run paged_decode_attention_bf16, or where that
+    returns -1 (head dim 256, group > 8), the prefill kernel as 1-token chunks."""
     lib, nd = library(), meta.num_decodes
     group = q.shape[1] // k_cache.shape[2]
     if lib is None or not _attention_ok(q, k_cache, v_cache):
@@ -140,13 +141,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if nd and not decodes_as_chunks and (group > _MAX_GROUP or k_cache.shape[1] > _MAX_BLOCK):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype)
+    decoded = False
+    if nd and decodes_as_chunks:       # the keys-in-lanes bf16 decode kernel; -1: not covered
+        tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)   # alive across the call
+        decoded = lib.paged_decode_attention_bf16(
+            _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
+            _ptr(seq_lens), _ptr(out), _i(nd), _i(q.shape[1]), _i(k_cache.shape[2]), _i(q.shape[2]),
+            _i(k_cache.shape[1]), ctypes.c_float(scale)) == 0
     if nd and not decodes_as_chunks:
         tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)   # alive across the call
         lib.paged_decode_attention(
             _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
             _ptr(seq_lens), _ptr(out), _i(nd), *_shape_args(q, k_cache, scale))
-    if _chunks_into(lib, out, q, k_cache, v_cache, meta, scale, 0 if decodes_as_chunks else nd) != 0:
-        if decodes_as_chunks:
+        decoded = True
+    if _chunks_into(lib, out, q, k_cache, v_cache, meta, scale, nd if decoded else 0) != 0:
+        if not decoded:
             return reference.paged_attention(q, k_cache, v_cache, meta, scale)
         reference.prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
     return out
