@@ -137,28 +137,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     global _bf16_dot
     if _bf16_dot is None:
         _bf16_dot = lib.prefill_bf16_dot() == 1
-    decodes_as_chunks = _bf16_dot and _dtype(q) == 1
-    if nd and not decodes_as_chunks and (group > _MAX_GROUP or k_cache.shape[1] > _MAX_BLOCK):
+    bf16_lanes = _bf16_dot and _dtype(q) == 1       # bf16 kernels built with vdpbf16ps
+    if nd and not bf16_lanes and (group > _MAX_GROUP or k_cache.shape[1] > _MAX_BLOCK):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype)
-    decoded = False
-    if nd and decodes_as_chunks:       # the keys-in-lanes bf16 decode kernel; -1: not covered
-        tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)   # alive across the call
-        decoded = lib.paged_decode_attention_bf16(
-            _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
-            _ptr(seq_lens), _ptr(out), _i(nd), _i(q.shape[1]), _i(k_cache.shape[2]), _i(q.shape[2]),
-            _i(k_cache.shape[1]), ctypes.c_float(scale)) == 0
-    if nd and not decodes_as_chunks:
-        tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)   # alive across the call
-        lib.paged_decode_attention(
-            _ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
-            _ptr(seq_lens), _ptr(out), _i(nd), *_shape_args(q, k_cache, scale))
-        decoded = True
+    decoded = nd > 0 and _decodes_into(lib, out, q, k_cache, v_cache, meta, scale, bf16_lanes)
     if _chunks_into(lib, out, q, k_cache, v_cache, meta, scale, nd if decoded else 0) != 0:
         if not decoded:
             return reference.paged_attention(q, k_cache, v_cache, meta, scale)
         reference.prefill_attention_into(out, q, k_cache, v_cache, meta, scale)
     return out
+
+
+def _decodes_into(lib, out, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, bf16_lanes: bool) -> bool:
+    """Decode rows [0, num_decodes) into out with paged_decode_attention_bf16 (bf16_lanes: keys
+    in vector lanes) or paged_decode_attention; False where the kernel does not cover the shape."""
+    tables, seq_lens = _tables(meta), _int32(meta.seq_lens, meta.seq_lens_cpu)   # alive across the call
+    rows = (_ptr(q), _i(q.stride(0)), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _i(tables.shape[1]),
+            _ptr(seq_lens), _ptr(out), _i(meta.num_decodes))
+    shape = _shape_args(q, k_cache, scale)
+    if bf16_lanes:   # bf16 only: no dtype code
+        return lib.paged_decode_attention_bf16(*rows, *shape[:-1]) == 0
+    return lib.paged_decode_attention(*rows, *shape) == 0
 
 
 def prefill_attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,

@@ -228,12 +228,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
-        while self.waiting and self._prefill_budget(output, budget) > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            limit = self._prefill_budget(output, budget)
+            if limit < 1:
+                break
             seq = self.waiting[0]
             computed_blocks, num_cached = [], 0
             if seq.num_computed_tokens == 0:
                 computed_blocks, num_cached = self.kv_cache.get_computed_prefix(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, self._prefill_budget(output, budget))
+            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, limit)
             if not self.kv_cache.allocate_slots(seq, num_new, computed_blocks):
                 break  # first come, first served: no overtaking the head of the queue
             self.waiting.popleft()
