@@ -7,6 +7,14 @@ per-chunk work shows up as server latency.
     python bench/latency.py --base-url http://127.0.0.1:8000 --num-prompts 8 --input-len 128 --output-len 128
     python bench/offline.py --single-stream --num-prompts 8 --input-len 128 --output-len 128
 
+On a noisy machine one pair of runs says little; `--pairs N` alternates the two N times
+(offline.py as a subprocess and a fresh `gateway serve` on a free loopback port, stopped
+by PID: a fresh server each time, since a second pass would hit the prefix cache; which of
+the two goes first alternates, so that a drift in machine speed cancels out) and
+prints each pair's HTTP/offline ratios and their medians:
+
+    python bench/latency.py --pairs 5
+
 Order: one untimed warm-up request (the first prompt, as offline.py warms up) → each prompt
 streamed alone from /v1/completions (ignore_eos, greedy) → TTFT (send → first text chunk)
 and the gaps between text chunks, printed like offline.py's single-stream figures.
@@ -15,6 +23,13 @@ and the gaps between text chunks, printed like offline.py's single-stream figure
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
 import time
 
 import httpx
@@ -45,6 +60,75 @@ def stream_one(client: httpx.Client, url: str, prompt: list[int], output_len: in
     return ttft, gaps
 
 
+def measure_http(base_url: str, prompts: list[list[int]], output_len: int) -> tuple[list[float], list[float]]:
+    ttfts, itls = [], []
+    with httpx.Client(timeout=600) as client:
+        stream_one(client, base_url, prompts[0], 4)   # warm-up
+        for prompt in prompts:
+            ttft, gaps = stream_one(client, base_url, prompt, output_len)
+            ttfts.append(ttft)
+            itls += gaps
+    return ttfts, itls
+
+
+def _means_of(report: str) -> dict[str, float]:
+    """{'TTFT': mean ms, 'ITL': mean ms} from a format_latencies report."""
+    return {name: float(value) for name, value in re.findall(r"(TTFT|ITL)\s+mean ([\d.]+)", report)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_offline(args) -> dict[str, float]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "offline.py"), "--single-stream", "--num-prompts", str(args.num_prompts),
+           "--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    return _means_of(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def run_http(args, prompts) -> dict[str, float]:
+    """A fresh `gateway serve` on a free port (stopped by PID) measured by measure_http."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"gateway serve exited with {server.returncode}")
+            time.sleep(0.5)
+        ttfts, itls = measure_http(url, prompts, args.output_len)
+        return {"TTFT": 1e3 * statistics.fmean(ttfts), "ITL": 1e3 * statistics.fmean(itls)}
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait(60)
+
+
+def run_pairs(args, prompts) -> None:
+    ratios: dict[str, list[float]] = {"TTFT": [], "ITL": []}
+    for i in range(args.pairs):
+        if i % 2:   # alternate which goes first, so that a drift in machine speed cancels out
+            http, offline = run_http(args, prompts), run_offline(args)
+        else:
+            offline, http = run_offline(args), run_http(args, prompts)
+        line = []
+        for name in ratios:
+            ratios[name].append(http[name] / offline[name])
+            line.append(f"{name} offline {offline[name]:.2f} HTTP {http[name]:.2f} ms ({ratios[name][-1] - 1:+.1%})")
+        print(f"pair {i + 1}: " + "; ".join(line), flush=True)
+    print("median HTTP/offline over pairs: " + ", ".join(
+        f"{name} {statistics.median(values) - 1:+.1%}" for name, values in ratios.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -52,15 +136,13 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=49152, help="as offline.py draws its prompts")
+    p.add_argument("--pairs", type=int, default=0, help="alternate offline and fresh-server runs this many times")
     args = p.parse_args()
     prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size)
-    ttfts, itls = [], []
-    with httpx.Client(timeout=600) as client:
-        stream_one(client, args.base_url, prompts[0], 4)   # warm-up
-        for prompt in prompts:
-            ttft, gaps = stream_one(client, args.base_url, prompt, args.output_len)
-            ttfts.append(ttft)
-            itls += gaps
+    if args.pairs:
+        run_pairs(args, prompts)
+        return
+    ttfts, itls = measure_http(args.base_url, prompts, args.output_len)
     print(f"HTTP single stream: {len(prompts)} prompts\n  TTFT {format_latencies(ttfts)}\n  ITL  {format_latencies(itls)}")
 
 
