@@ -12,6 +12,8 @@ gathered on rank 0, which samples, and as None elsewhere (StepResult of Nones)."
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,20 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def huge_page_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed host memory, advised for transparent huge pages (where the kernel has them in
+    `madvise` mode, as ours does). Decode attention reads scattered 6 KB blocks of the KV
+    cache: with 4 KB pages each block costs TLB misses, ~10% of a cold batch-64 call."""
+    region = mmap.mmap(-1, max(1, numel * dtype.itemsize))   # anonymous: page-aligned, zero-filled
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):   # no THP on this system: ordinary pages
+        pass
+    tensor = torch.frombuffer(region, dtype=dtype, count=numel)   # keeps the region alive
+    tensor.zero_()   # commit the memory now, as torch.zeros did, rather than on first use
+    return tensor
 
 
 @dataclass
@@ -132,8 +148,12 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         a = self.arch
         shape = (num_blocks, self.block_size, self.num_kv_heads, a.head_dim)
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
+        if self.device.type == "cpu":
+            flat = huge_page_zeros(2 * a.num_layers * math.prod(shape), self.dtype).view(a.num_layers, 2, *shape)
+            caches = [(layer[0], layer[1]) for layer in flat]
+        else:
+            caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
         log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %.1f MiB (%s)",
                  num_blocks, self.block_size, num_blocks * self.block_size,
                  num_blocks * self.kv_bytes_per_block / 2**20, self.dtype)
