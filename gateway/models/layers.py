@@ -31,7 +31,6 @@ class Linear(nn.Module):
         if shard_sizes:
             assert start == out_features, "shard sizes must add up to out_features"
         self._packed = None
-        self._packed_gate_up: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def load_shard(self, param_name: str, shard: str | None, tensor: torch.Tensor) -> None:
         param = getattr(self, param_name)
@@ -42,37 +41,17 @@ class Linear(nn.Module):
         target.copy_(tensor)
 
     def prepack(self) -> None:
-        """CPU bf16: reorder the weight once into oneDNN's blocked layout (AMX-friendly). A
-        bias-free merged gate|up weight is packed as its two halves instead, for silu_and_mul."""
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.bfloat16:
-            return
-        try:
-            if list(self.shard_offsets) == ["gate", "up"] and self.bias is None:
-                self._packed_gate_up = tuple(torch.ops.mkldnn._reorder_linear_weight(
-                    self.weight.data.narrow(0, *self.shard_offsets[name]).contiguous(), None) for name in ("gate", "up"))
-            else:
+        """CPU bf16: reorder the weight once into oneDNN's blocked layout (AMX-friendly)."""
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
+            try:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, None)
-        except (RuntimeError, AttributeError):   # a torch without oneDNN: plain F.linear
-            self._packed = self._packed_gate_up = None
+            except (RuntimeError, AttributeError):
+                self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        if self._packed_gate_up is not None:
-            return torch.cat([self._gate_up_product(x, i, "none") for i in (0, 1)], dim=-1)
         return F.linear(x, self.weight, self.bias)
-
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(x W_gate^T) * (x W_up^T) for a merged gate|up weight. Prepacked, the activation
-        and the product run as oneDNN post-ops of the two halves' products, so the [T, 2I]
-        intermediate is never written and read back (~5% of a batch-64 decode step)."""
-        if self._packed_gate_up is None:
-            return kernels.silu_and_mul(self(x))
-        gate = self._gate_up_product(x, 0, "swish")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self._packed_gate_up[1], None, "mul")
-
-    def _gate_up_product(self, x: torch.Tensor, half: int, post_op: str) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_gate_up[half], None, post_op, [], "")
 
 
 class RMSNorm(nn.Module):

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from gateway import kernels
 from gateway.kernels.metadata import AttentionMetadata
 from gateway.kernels.reference import build_cos_sin_cache
 from gateway.models.arch import ModelArch
@@ -62,7 +63,7 @@ class LlamaDecoderLayer(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         hidden = self.o_proj(self.attn(positions, q, k, v, meta, kv_cache))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        hidden = self.down_proj(self.gate_up_proj.silu_and_mul(hidden))
+        hidden = self.down_proj(kernels.silu_and_mul(self.gate_up_proj(hidden)))
         return hidden, residual
 
 
