@@ -255,3 +255,15 @@ def test_bf16_decode_kernel_direct(head_dim, group):
         pytest.skip("no AVX512-BF16: paged_decode_attention_bf16 is a stub")
     want = causal_attention(q, k_cache, v_cache, meta, scale)
     torch.testing.assert_close(out.double(), want, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("heads", [(20, 5), (32, 8), (16, 16)], ids=["uneven_runs", "two_runs", "sixteen_kv"])
+def test_bf16_decode_kernel_splits_wide_models_into_runs_of_kv_heads(heads):
+    """Enough sequences for a task per sequence, but more than 16 query heads: a task takes a
+    run of kv heads (the last run shorter where they do not divide), and every head is written."""
+    decodes = [(1, n) for n in [300, 17, 1, 64, 33, 5, 16, 2, 90, 129]]
+    q, k_cache, v_cache, meta = flat_batch(torch.bfloat16, *heads, 64, 16, decodes, len(decodes), seed=3)
+    scale = 64 ** -0.5
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    want = causal_attention(q, k_cache, v_cache, meta, scale)
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
