@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ import httpx
 import orjson
 
 from offline import format_latencies, random_prompts
+from server_process import ServerProcess
 
 
 def stream_one(client: httpx.Client, url: str, prompt: list[int], output_len: int) -> tuple[float, list[float]]:
@@ -76,12 +75,6 @@ def _means_of(report: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"(TTFT|ITL)\s+mean ([\d.]+)", report)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_offline(args) -> dict[str, float]:
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "offline.py"), "--single-stream", "--num-prompts", str(args.num_prompts),
@@ -90,27 +83,14 @@ def run_offline(args) -> dict[str, float]:
 
 
 def run_http(args, prompts) -> dict[str, float]:
-    """A fresh `gateway serve` on a free port (stopped by PID) measured by measure_http."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    """A fresh `gateway serve` (ServerProcess: free loopback port, stopped by PID) measured by measure_http."""
+    server = ServerProcess([], start_timeout_s=300)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise RuntimeError(f"gateway serve exited with {server.returncode}")
-            time.sleep(0.5)
-        ttfts, itls = measure_http(url, prompts, args.output_len)
+        server.wait_ready()
+        ttfts, itls = measure_http(server.url, prompts, args.output_len)
         return {"TTFT": 1e3 * statistics.fmean(ttfts), "ITL": 1e3 * statistics.fmean(itls)}
     finally:
-        os.kill(server.pid, signal.SIGTERM)
-        server.wait(60)
+        server.stop()
 
 
 def run_pairs(args, prompts) -> None:

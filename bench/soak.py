@@ -23,13 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 
+from server_process import ServerProcess  # noqa: E402
 from soak_plan import PRESSURE_BURST, Item, Result, build_plan, run_one  # noqa: E402
 
 SERVER_ARGS = ["--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", "512",
@@ -58,48 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-arg", action="append", default=[], help="extra `gateway serve` argument")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     return p.parse_args(argv)
-
-
-class Server:
-    """`gateway serve` in a subprocess on a free loopback port, stopped by its PID."""
-
-    def __init__(self, model: str | None, extra: list[str]):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="soak-server-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", *SERVER_ARGS, *extra]
-        print("server:", " ".join(cmd[2:]), flush=True)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"the server was not ready after {START_TIMEOUT_S} s:\n{self.tail()}")
-
-    def tail(self, chars: int = 4000) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 async def run_plan(url: str, plan: list[Item], concurrency: int, headers: dict, timeout: float) -> list[Result]:
@@ -170,7 +124,10 @@ def failures(figures: dict, server_alive: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    server = None if args.url else Server(args.model, args.server_arg)
+    server = None
+    if not args.url:
+        server_args = [*([args.model] if args.model else []), "--log-level", "warning", *SERVER_ARGS, *args.server_arg]
+        server = ServerProcess(server_args, START_TIMEOUT_S, announce=True)
     try:
         if server is not None:
             server.wait_ready()
@@ -200,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-            os.unlink(server.log.name)
 
 
 if __name__ == "__main__":
