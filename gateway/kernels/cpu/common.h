@@ -1,4 +1,4 @@
-/* Helpers shared by the CPU kernels (kernels.c, prefill_attention.c): bf16 <-> fp32,
+/* Helpers shared by the CPU kernels (kernels.c, prefill_attention.c, decode_bf16.c): bf16 <-> fp32,
  * a branch-free exp, row loads/stores in either dtype, and GCC vector types of 16 lanes.
  * Data: fp32 (dtype 0) or bf16 stored as uint16 (dtype 1). */
 #pragma once
@@ -101,4 +101,8 @@ static inline vf16 vexp2_nonpos(vf16 t) {
     return vselect(in_range, p * (vf16)((ti + 127) << 23), (vf16){});
 }
 
-/* Two probability vectors to bf16 pairs, rounded to nearest even: lane i = (p0[i], p1[i]). */
+/* Two fp32 vectors to bf16 pairs, rounded to nearest even: lane i = (p0[i], p1[i]). */
+static inline vi16 pack_bf16_pair(vf16 p0, vf16 p1) {
+    const vu16 lo = (vu16)p0, hi = (vu16)p1;
+    return (vi16)(((lo + 0x7fffu + ((lo >> 16) & 1u)) >> 16) | ((hi + 0x7fffu + ((hi >> 16) & 1u)) & 0xffff0000u));
+}

@@ -206,9 +206,7 @@ static inline void write_out(const struct dec_args *a, int64_t s, int64_t h, con
     const float inv = st->l > 0.f ? 1.f / st->l : 0.f;
     uint16_t *o = a->out + (s * a->num_heads + h) * HD;
     for (int b = 0; b < HD / 32; b++) {
-        const vf16 e = (vf16)st->acc[2 * b] * inv, od = (vf16)st->acc[2 * b + 1] * inv;
-        const vu16 lo = (vu16)e, hi = (vu16)od;
-        const vu16 w = ((lo + 0x7fffu + ((lo >> 16) & 1u)) >> 16) | ((hi + 0x7fffu + ((hi >> 16) & 1u)) & 0xffff0000u);
+        const vi16 w = pack_bf16_pair((vf16)st->acc[2 * b] * inv, (vf16)st->acc[2 * b + 1] * inv);
         _mm512_storeu_si512(o + 32 * b, (__m512i)w);
     }
 }

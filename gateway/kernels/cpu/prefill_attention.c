@@ -1,5 +1,6 @@
-/* Paged causal prefill attention, called through ctypes (see cpu_ops.py); the decode kernel
- * and the elementwise kernels are in kernels.c, shared helpers in common.h. */
+/* Paged causal prefill attention, called through ctypes (see cpu_ops.py); the decode kernels
+ * are in kernels.c (fp32) and decode_bf16.c, the elementwise kernels in kernels.c, shared
+ * helpers in common.h. */
 #include "common.h"
 
 /* ---- Paged causal prefill attention ------------------------------------------------------
@@ -19,11 +20,6 @@
  * the probabilities are rounded to bf16 for p.v, as torch's bf16 flash attention does. */
 #define KEY_TILE 64
 #define MICRO 8          /* accumulators per micro-kernel: keys (q.k) or head dims (p.v) */
-
-static inline vi16 pack_bf16_pair(vf16 p0, vf16 p1) {
-    const vu16 lo = (vu16)p0, hi = (vu16)p1;
-    return (vi16)(((lo + 0x7fffu + ((lo >> 16) & 1u)) >> 16) | ((hi + 0x7fffu + ((hi >> 16) & 1u)) & 0xffff0000u));
-}
 
 struct prefill_args {              /* one call: pointers and shapes shared by every task */
     const void *q, *k_cache, *v_cache;
