@@ -1,12 +1,25 @@
 """Shared fixtures: the default model's converted directory, tiny random-weight models of
-each supported architecture (with the default model's tokenizer), and free ports."""
+each supported architecture (with the default model's tokenizer), and free ports.
+
+Hypothesis profiles, chosen here once for the whole run: `ci` (selected by CI=true) is
+derandomized with no example database, so one commit always gets one verdict; `dev` (the
+default) draws fresh examples each run; `explore` searches long and at random:
+    HYPOTHESIS_PROFILE=explore python -m pytest -q tests/test_scheduler_properties.py
+Whatever a search finds becomes a pinned example (see test_scheduler_properties.replay)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=10_000, database=None, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

@@ -2,7 +2,9 @@
 token budget (max_num_batched_tokens), a sequence cap (max_num_seqs) and the KV block pool.
 A step that runs decodes gives prefill chunks at most max_prefill_tokens_with_decodes of its
 budget: one long prompt then costs every running stream a few short steps, not one step of
-seconds (inter-token latency); a step without decodes prefills with the whole budget.
+seconds (inter-token latency); a step without decodes prefills with the whole budget. A
+decode is the last token of a sequence that was already running (ScheduledSequence.is_decode);
+everything admitted in a step is prefill, even a one-token prompt.
 
 It owns the waiting queue, the running list (in admission order) and the KVCacheManager.
 One step, in order:
@@ -43,6 +45,9 @@ from gateway.scheduler.sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    # A running sequence computing its one remaining token: the stream the prefill cap
+    # protects. Rows admitted from the waiting queue are prefills, however short.
+    is_decode: bool = False
     # Fixed at scheduling time, so it stays true after update() advances the sequence:
     # this step computes the sequence's last known token and therefore samples the next.
     samples: bool = field(init=False)
@@ -185,10 +190,10 @@ class Scheduler:
 
     def _prefill_budget(self, output: SchedulerOutput, budget: int) -> int:
         """Tokens a prefill chunk may take now: the budget, capped once decodes share the step."""
-        if not any(row.num_new_tokens == 1 and row.samples for row in output.scheduled):
+        if not any(row.is_decode for row in output.scheduled):
             return budget
-        chunked = sum(row.num_new_tokens for row in output.scheduled if not row.samples or row.num_new_tokens > 1)
-        return min(budget, self.max_prefill_tokens_with_decodes - chunked)
+        prefill = sum(row.num_new_tokens for row in output.scheduled if not row.is_decode)
+        return min(budget, self.max_prefill_tokens_with_decodes - prefill)
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0
@@ -201,7 +206,7 @@ class Scheduler:
                 break  # only the newest can be mid-prefill, so nothing after it is left
             if not self._allocate_or_preempt(seq, num_new, output):
                 break  # seq preempted itself: it was the newest, nothing after it is left
-            output.scheduled.append(ScheduledSequence(seq, num_new))
+            output.scheduled.append(ScheduledSequence(seq, num_new, is_decode=remaining == 1))
             budget -= num_new
             index += 1
         return budget
