@@ -21,6 +21,19 @@ settings.register_profile("dev", deadline=None, print_blob=True)
 settings.register_profile("explore", max_examples=10_000, database=None, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global RNG states, whatever ran before it: tests that
+    draw from torch's or random's global generator get the same data on every run."""
+    import random
+    import sys
+    random.seed(0)
+    if "torch" in sys.modules:   # seeding never imports torch for tests that do not use it
+        sys.modules["torch"].manual_seed(0)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(0)
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

@@ -140,7 +140,7 @@ def test_server_request_timeout_is_a_ceiling_the_header_can_only_lower():
     start = time.monotonic()
     error = error_of(client.post("/v1/chat/completions", json=chat_body(max_tokens=40),
                                  headers={"X-Request-Timeout": "100"}), 408)
-    assert 0.3 <= time.monotonic() - start < 1.5 and "deadline of 0.3 s" in error["message"]
+    assert 0.3 <= time.monotonic() - start < 3 and "deadline of 0.3 s" in error["message"]
     shorter = client.post("/v1/chat/completions", json=chat_body(max_tokens=40),
                           headers={"X-Request-Timeout": "0.1"})
     assert "deadline of 0.1 s" in error_of(shorter, 408)["message"]
