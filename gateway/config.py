@@ -30,7 +30,7 @@ class Config:
     model_module: str | None = None       # user Python file registering model classes
     served_model_name: str | None = None
     dtype: str = "auto"                   # auto|bfloat16|float16|float32
-    device: str = "cpu"                   # cpu|cuda|auto (resolved in __post_init__)
+    device: str = "cpu"                   # cpu|cuda|auto (checked here; resolved by executor/placement.py)
     max_model_len: int | None = None      # None → the model's own context length
     chat_template: str | None = None      # path to a Jinja template overriding the tokenizer's
     cache_dir: str = "~/.cache/gateway"   # converted GGUF models live here

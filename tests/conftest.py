@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+# bench/ on the path: tests start `gateway serve` with the bench's ServerProcess (one helper).
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))   # last: shadows nothing
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)

@@ -1,5 +1,6 @@
 """Process helpers shared by tests that start real servers: a free loopback port, waiting
-for an HTTP route to answer 200, and stopping a process by its PID."""
+for an HTTP route to answer 200, stopping a process by its PID, and whether `gateway serve`
+exists at all. (`gateway serve` itself is started with bench/server_process.py.)"""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def gateway_serve_available() -> bool:
+    """The capability a real-server test uses, asked of the real CLI (not grepped from the
+    source): its parser has a `serve` command. A renamed class cannot skip such a test; a
+    broken server makes it fail instead."""
+    from gateway.cli import build_parser
+    try:
+        build_parser().parse_args(["serve"])
+    except SystemExit:
+        return False
+    return True

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +20,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "serve.py"
-sys.path.insert(0, str(ROOT / "bench"))   # the serve_* helpers are plain modules
 
 # Keys `vllm bench serve --save-result` writes (vllm/benchmarks/serve.py), percentiles 50,90,99.
 VLLM_KEYS = {
@@ -89,7 +86,8 @@ def fake_app():
 
 # ---------------------------------------------------------------- process helpers
 
-from procs import free_port, stop, wait_http  # noqa: E402  (shared process helpers)
+from procs import free_port, gateway_serve_available, stop, wait_http  # noqa: E402  (shared helpers)
+from server_process import ServerProcess  # noqa: E402
 
 
 def run_bench(base_url: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -210,27 +208,12 @@ def test_prefix_repetition_prompts_share_their_prefixes():
 
 # ---------------------------------------------------------------- against the real server
 
-def _defines(rel: str, name: str) -> bool:
-    path = ROOT / rel
-    text = path.read_text() if path.exists() else ""
-    return f"def {name}(" in text or f"class {name}" in text
-
-
-def real_server_exists() -> bool:
-    return (_defines("gateway/engine/async_engine.py", "AsyncEngine")
-            and _defines("gateway/api/app.py", "build_app"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not real_server_exists(), reason="AsyncEngine / build_app not written yet")
+@pytest.mark.skipif(not gateway_serve_available(), reason="this gateway has no `serve` command")
 def test_bench_against_the_real_gateway(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
-                             "127.0.0.1", "--port", str(port)], cwd=ROOT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout=300)
+    with ServerProcess([], start_timeout_s=300, stop_timeout_s=30) as server:
         out, png = tmp_path / "r.json", tmp_path / "p.png"
-        run_bench(f"http://127.0.0.1:{port}", "--num-prompts", "4", "--random-input-len",
+        run_bench(server.url, "--num-prompts", "4", "--random-input-len",
                   "32", "--random-output-len", "8", "--max-concurrency", "2",
                   "--save-result", "--result-filename", str(out), "--plot", str(png),
                   timeout=300)
@@ -239,8 +222,6 @@ def test_bench_against_the_real_gateway(tmp_path):
         assert result["total_output_tokens"] == 4 * 8      # ignore_eos + min_tokens honoured
         assert result["total_input_tokens"] >= 4 * 32
         assert png.stat().st_size > 0
-    finally:
-        stop(proc)
 
 
 if __name__ == "__main__":   # the fake server, for the fixture above

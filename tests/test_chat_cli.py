@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import make_tiny_model
-from procs import free_port
+from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(600)
 CONTEXT = 4096
@@ -132,30 +132,8 @@ def test_interrupt_stops_the_reply_and_history_is_trimmed(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(gateway_cmd("serve", str(tiny_dir), "--port", str(port), "--api-key", "sesame"),
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            log.seek(0)
-            pytest.fail(f"the server did not start:\n{log.read().decode()[-3000:]}")
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with ServerProcess([str(tiny_dir), "--api-key", "sesame"], start_timeout_s=300, stop_timeout_s=30) as proc:
+        yield proc.url
 
 
 def aborted_requests(url: str) -> float:

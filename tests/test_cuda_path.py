@@ -2,7 +2,9 @@
 
 * Dispatch: with the auto backend, CUDA tensors go to the Triton ops for every kernel. A stub
   module stands in for gateway.kernels.triton_ops, so triton is never imported here (that
-  would break tests/test_kernels.py, which must set TRITON_INTERPRET first).
+  would break tests/test_kernels.py, which must set TRITON_INTERPRET first). The choice is
+  made once per device kind (not per call), and a CPU without the C library still falls
+  back to the torch reference.
 * Construction: the model builds under a non-CPU device context (meta stands in for cuda)
   with every parameter and buffer on that device, the rotary table included; the table is
   built from a CPU inv_freq, which once made construction on CUDA fail."""
@@ -12,9 +14,11 @@ from __future__ import annotations
 import sys
 import types
 
+import pytest
 import torch
 
 import gateway.kernels as kernels
+from gateway.kernels import cpu_ops
 
 KERNELS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul",
            "rotary_embedding")
@@ -24,6 +28,14 @@ class _OnCuda:
     is_cuda = True
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dispatch():
+    """Each test resolves from scratch and leaves no stub or patched choice behind."""
+    kernels.set_backend("auto")
+    yield
+    kernels.set_backend("auto")
+
+
 def test_auto_backend_sends_cuda_tensors_to_triton_for_every_kernel(monkeypatch):
     calls = []
     stub = types.ModuleType("gateway.kernels.triton_ops")
@@ -31,7 +43,6 @@ def test_auto_backend_sends_cuda_tensors_to_triton_for_every_kernel(monkeypatch)
         setattr(stub, name, lambda *args, _name=name: calls.append(_name))
     monkeypatch.setitem(sys.modules, "gateway.kernels.triton_ops", stub)
     monkeypatch.setattr(kernels, "triton_ops", stub, raising=False)
-    monkeypatch.setattr(kernels, "_backend", "auto")
     x = _OnCuda()
     kernels.store_kv(x, x, x, x, x)
     kernels.paged_attention(x, x, x, None, 1.0)
@@ -40,8 +51,34 @@ def test_auto_backend_sends_cuda_tensors_to_triton_for_every_kernel(monkeypatch)
     kernels.silu_and_mul(x)
     kernels.rotary_embedding(torch.zeros(1, dtype=torch.long), x, x, x)   # dispatches on q
     assert calls == list(KERNELS)
-    monkeypatch.setattr(kernels, "_backend", "torch")
+    kernels.set_backend("torch")
     assert kernels._impl(x) is kernels.reference                          # forced references
+
+
+def _count_library_checks(monkeypatch, present: bool) -> list[int]:
+    checks = []
+    monkeypatch.setattr(cpu_ops, "available", lambda: checks.append(1) or present)
+    return checks
+
+
+def test_the_cpu_implementation_is_chosen_once_not_per_kernel_call(monkeypatch):
+    checks = _count_library_checks(monkeypatch, present=True)
+    x = torch.randn(3, 64)
+    for _ in range(5):
+        kernels.rms_norm(x, torch.ones(64), 1e-6)
+        kernels.silu_and_mul(torch.randn(3, 128))
+    assert len(checks) == 1 and kernels._impl(x) is cpu_ops
+    kernels.set_backend("auto")                                           # a new choice asks again
+    kernels.silu_and_mul(torch.randn(3, 128))
+    assert len(checks) == 2
+
+
+def test_without_the_c_library_cpu_kernels_fall_back_to_the_reference(monkeypatch):
+    checks = _count_library_checks(monkeypatch, present=False)
+    x, weight = torch.randn(3, 64), torch.rand(64)
+    out = [kernels.rms_norm(x, weight, 1e-6) for _ in range(3)]
+    assert kernels._impl(x) is kernels.reference and len(checks) == 1
+    torch.testing.assert_close(out[0], kernels.reference.rms_norm(x, weight, 1e-6), rtol=0, atol=0)
 
 
 def test_model_builds_with_every_tensor_on_the_ambient_device():

@@ -4,17 +4,13 @@ loopback port, stopped by its own PID at the end. Greedy (temperature 0) whereve
 compared, so the assertions are exact."""
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import httpx
 import openai
 import pytest
+
+from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -23,43 +19,11 @@ MAX_MODEL_LEN = 1024
 MSG = [{"role": "user", "content": "Name three colors."}]
 
 
-from procs import free_port as _free_port  # noqa: E402
-
-
-def _wait_ready(proc, url: str, log_path: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"server not ready after {START_TIMEOUT_S}s:\n{open(log_path).read()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        _wait_ready(proc, url, log.name)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        os.unlink(log.name)
+    with ServerProcess(["--max-model-len", str(MAX_MODEL_LEN)], start_timeout_s=START_TIMEOUT_S,
+                       stop_timeout_s=30) as proc:
+        yield proc.url
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +100,8 @@ def test_error_paths(client, model, server):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=MSG, max_tokens=MAX_MODEL_LEN)
     assert str(MAX_MODEL_LEN) in info.value.message and f"{MAX_MODEL_LEN} for the completion" in info.value.message
-    bad = httpx.post(server + "/v1/chat/completions", content=b"{not json", timeout=10)
+    bad = httpx.post(server + "/v1/chat/completions", content=b"{not json", timeout=10,
+                     headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "BadRequestError"
     # ...and the server still serves afterwards
     after = client.chat.completions.create(model=model, messages=MSG, max_tokens=2)

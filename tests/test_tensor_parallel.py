@@ -13,9 +13,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from types import SimpleNamespace
@@ -25,8 +22,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from procs import free_port
-from gateway.engine.errors import EngineDeadError
+from server_process import ServerProcess
+from gateway.executor.errors import ExecutorDeadError
 from gateway.executor.shm_comm import ShmCommunicator
 from gateway.executor.step_deltas import DeltaEncoder, SequenceMirror
 from gateway.models.partition import partition_attention, split_evenly
@@ -153,12 +150,12 @@ def test_shm_wait_for_a_missing_peer_times_out_or_aborts():
     comm = ShmCommunicator(ShmCommunicator.new_name(), 0, 2, 4096, timeout_s=0.5, create=True)
     try:
         start = time.monotonic()
-        with pytest.raises(EngineDeadError, match=r"timed out .* rank\(s\) \[1\]"):
+        with pytest.raises(ExecutorDeadError, match=r"timed out .* rank\(s\) \[1\]"):
             comm.all_reduce(torch.ones(4))
         assert time.monotonic() - start < 5
         comm.timeout_s = 60
         threading.Timer(0.2, setattr, (comm, "abort", "rank 1 died")).start()
-        with pytest.raises(EngineDeadError, match="rank 1 died"):
+        with pytest.raises(ExecutorDeadError, match="rank 1 died"):
             comm.all_reduce(torch.ones(4))
     finally:
         comm.close()
@@ -225,7 +222,7 @@ def test_a_killed_worker_fails_the_engine_within_seconds(tiny_tp_model):
         (pid,) = llm.core.worker_pids
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(EngineDeadError, match="tensor-parallel rank 1"):
+        with pytest.raises(ExecutorDeadError, match="tensor-parallel rank 1"):
             while True:      # idle at first: check_health notices; then a step would too
                 llm.core.check_health()
                 llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))
@@ -238,42 +235,6 @@ CHAT_PROMPTS = ["Name three colors.", "What is the capital of France?", "Write a
                 "Explain photosynthesis in one sentence.", "List the first five prime numbers.",
                 "What is 12 times 7?", "Give me a synonym for happy.", "Who wrote Romeo and Juliet?",
                 "Describe a cat in two sentences.", "Translate 'good morning' into Spanish."]
-
-
-class _Serve:
-    def __init__(self, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port),
-                                      "--log-level", "warning", *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self, timeout_s: float = 600) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.tail()}"
-            try:
-                response = httpx.get(self.url + "/ready", timeout=2)
-                if response.status_code == 200:
-                    return response.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"server not ready:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return open(self.log.name).read()[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        os.unlink(self.log.name)
 
 
 def _chat_answers(url: str) -> list[str]:
@@ -289,20 +250,19 @@ def _chat_answers(url: str) -> list[str]:
 def test_serve_tp2_gives_the_same_greedy_chat_answers_as_tp1():
     answers = {}
     for tp in ("1", "2"):
-        server = _Serve("--tp", tp, "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", "256MiB")
-        try:
-            ready = server.wait_ready()
-            assert len(ready["worker_pids"]) == int(tp) - 1
+        args = ["--tp", tp, "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", "256MiB",
+                "--log-level", "warning"]
+        with ServerProcess(args, start_timeout_s=600, stop_timeout_s=30) as server:
+            assert len(server.wait_ready()["worker_pids"]) == int(tp) - 1
             answers[tp] = _chat_answers(server.url)
-        finally:
-            server.stop()
     assert len(answers["1"]) == len(CHAT_PROMPTS) >= 8 and all(answers["1"])
     assert answers["2"] == answers["1"]
 
 
 @pytest.mark.slow
 def test_killing_a_worker_fails_requests_with_503_and_the_server_exits(tiny_tp_model):
-    server = _Serve(str(tiny_tp_model), "--tp", "2", "--dtype", "float32", "--max-model-len", "512")
+    server = ServerProcess([str(tiny_tp_model), "--tp", "2", "--dtype", "float32", "--max-model-len", "512",
+                            "--log-level", "warning"], stop_timeout_s=30)
     try:
         (pid,) = server.wait_ready(300)["worker_pids"]
         status = {}

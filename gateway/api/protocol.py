@@ -21,7 +21,7 @@ from typing import Callable
 
 from gateway.api.errors import invalid, model_not_found
 from gateway.engine.errors import context_length_message
-from gateway.engine.messages import TokenLogprob
+from gateway.sampling.logprobs import TokenLogprob
 from gateway.sampling.params import SamplingParams, SamplingParamsError
 
 MAX_CHOICES = 128        # n, times the number of prompts for completions

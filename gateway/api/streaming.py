@@ -25,7 +25,8 @@ import orjson
 
 from gateway.api import protocol as P
 from gateway.api.errors import APIError, from_exception
-from gateway.engine.messages import EngineRequest, RequestOutput, RequestRecord, TokenLogprob
+from gateway.engine.messages import EngineRequest, RequestOutput, RequestRecord
+from gateway.sampling.logprobs import TokenLogprob
 
 log = logging.getLogger("gateway.api")
 DONE = b"data: [DONE]\n\n"

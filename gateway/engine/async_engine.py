@@ -56,8 +56,7 @@ class AsyncEngine:
         self._stopping = False
         self._ready = False
         self._dead: BaseException | None = None
-        if hasattr(core.runner, "death_listener"):   # a dead tensor-parallel worker wakes an idle loop
-            core.runner.death_listener = self._wakeup.set
+        core.runner.death_listener = self._wakeup.set   # a dead tensor-parallel worker wakes an idle loop
         self._latest_stats = StepStats(num_total_blocks=core.runner.num_blocks,
                                        num_free_blocks=core.runner.num_blocks)
 

@@ -24,6 +24,7 @@ from gateway.engine.detokenizer import IncrementalDetokenizer
 from gateway.engine.errors import RequestRejectedError, check_context_length
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
 from gateway.executor.executor import create_executor
+from gateway.executor.interface import Executor
 from gateway.models import registry
 from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
 from gateway.scheduler.prefix_pins import PrefixPins
@@ -61,7 +62,7 @@ class EngineCore:
         hf_config = load_hf_config(self.source)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = _eos_ids(hf_config, self.tokenizer, generation_defaults(self.source))
-        self.runner = create_executor(config, self.source, hf_config, self.eos_token_ids)
+        self.runner: Executor = create_executor(config, self.source, hf_config, self.eos_token_ids)
         try:
             self._build_scheduler(config)
         except BaseException:
@@ -83,19 +84,15 @@ class EngineCore:
     # ---- executor lifecycle (tensor-parallel workers; no-ops at tp=1) ----------------------
     @property
     def worker_pids(self) -> list[int]:
-        return list(getattr(self.runner, "worker_pids", []))
+        return list(self.runner.worker_pids)
 
     def check_health(self) -> None:
-        """Raises EngineDeadError once a tensor-parallel worker has died."""
-        check = getattr(self.runner, "check_health", None)
-        if check is not None:
-            check()
+        """Raises ExecutorDeadError once a tensor-parallel worker has died."""
+        self.runner.check_health()
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers; idempotent."""
-        stop = getattr(self.runner, "shutdown", None)
-        if stop is not None:
-            stop()
+        self.runner.shutdown()
 
     def _decide_max_model_len(self) -> int:
         arch = self.runner.arch

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from gateway.config import Config
 from gateway.engine.core import EngineCore
-from gateway.engine.messages import EngineRequest, RequestOutput, TokenLogprob
+from gateway.engine.messages import EngineRequest, RequestOutput
+from gateway.sampling.logprobs import TokenLogprob
 from gateway.sampling.params import SamplingParams
 from gateway.templates import ChatTemplate, PromptTemplate, get_template
 

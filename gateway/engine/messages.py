@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from gateway.sampling.logprobs import TokenLogprob
 from gateway.sampling.params import SamplingParams
 
 
@@ -15,13 +16,6 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]   # (token_id, logprob) of the top alternatives, best first
 
 
 @dataclass

@@ -14,7 +14,7 @@ Each step: encode the schedule as deltas (step_deltas.py), send the same pickled
 every worker, run rank 0's forward + sampling. The monitor watches worker sentinels and
 pipes: a worker that exits or reports a failure marks the executor dead, aborts rank 0's
 collective waits, terminates the other workers and calls `death_listener`;
-`check_health()` and `execute()` then raise EngineDeadError (the engine loop's crash path).
+`check_health()` and `execute()` then raise ExecutorDeadError (errors.py; the engine loop's crash path).
 Dead workers are not restarted: the server reports 503 and exits non-zero (api/server.py)."""
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import threading
 from multiprocessing.connection import wait
 
 from gateway.config import Config
-from gateway.engine.errors import EngineDeadError
+from gateway.executor.errors import ExecutorDeadError
+from gateway.executor.interface import Executor, StepResult
 from gateway.executor.messages import InitKVCache, Shutdown, WorkerFailed, WorkerReady, WorkerSpec
-from gateway.executor.model_runner import ModelRunner, StepResult, resolve_device
+from gateway.executor.model_runner import ModelRunner
 from gateway.executor.parallel import create_communicator, make_spec, resolve_backend
+from gateway.executor.placement import Placement, resolve_placement
 from gateway.executor.step_deltas import DeltaEncoder
 from gateway.executor.worker import worker_main
 from gateway.models import registry
@@ -45,10 +47,11 @@ COLLECTIVE_TIMEOUT_S = 120   # longest wait for a peer inside one step
 SHUTDOWN_TIMEOUT_S = 5
 
 
-def create_executor(config: Config, source: ModelSource, hf_config, eos_token_ids: set[int]):
+def create_executor(config: Config, source: ModelSource, hf_config, eos_token_ids: set[int]) -> Executor:
+    placement = resolve_placement(config, hf_config)   # once, for every rank
     if config.tensor_parallel_size == 1:
-        return ModelRunner(config, source, hf_config, eos_token_ids)
-    return TensorParallelExecutor(config, source, hf_config, eos_token_ids)
+        return ModelRunner(config, source, hf_config, eos_token_ids, placement=placement)
+    return TensorParallelExecutor(config, source, hf_config, eos_token_ids, placement)
 
 
 def threads_per_rank(config: Config) -> int:
@@ -63,12 +66,15 @@ def _slot_bytes(config: Config, arch, world_size: int) -> int:
 
 
 class TensorParallelExecutor:
-    def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int]):
+    """The Executor (interface.py) for tensor_parallel_size > 1."""
+
+    def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int],
+                 placement: Placement):
         world = config.tensor_parallel_size
         _, arch = registry.resolve(hf_config)
         for rank in range(world):
             shard_plan(arch, rank, world)          # unsplittable shapes fail here, before any spawn
-        backend = resolve_backend(config.tp_comm, resolve_device(config.device).type)
+        backend = resolve_backend(config.tp_comm, placement.device.type)
         self.spec = make_spec(backend, world, COLLECTIVE_TIMEOUT_S, _slot_bytes(config, arch, world))
         self.dead_reason: str | None = None
         self.death_listener = None                 # called (from the monitor thread) on death
@@ -76,11 +82,11 @@ class TensorParallelExecutor:
         self._procs, self._conns = [], []
         self.comm = create_communicator(self.spec, 0) if backend == "shm" else None
         try:
-            self._spawn_workers(config, source)
+            self._spawn_workers(config, source, placement)
             if self.comm is None:
                 self.comm = create_communicator(self.spec, 0)
             self.runner = ModelRunner(config, source, hf_config, eos_token_ids,
-                                      ParallelContext(0, world, self.comm))
+                                      ParallelContext(0, world, self.comm), placement)
             self._agree_on_kv_blocks(self._await_ready())
         except BaseException:
             self.shutdown()
@@ -94,11 +100,11 @@ class TensorParallelExecutor:
                  world, backend, self.worker_pids, self.num_blocks)
 
     # ---- start-up ------------------------------------------------------------------------
-    def _spawn_workers(self, config: Config, source: ModelSource) -> None:
+    def _spawn_workers(self, config: Config, source: ModelSource, placement: Placement) -> None:
         ctx = mp.get_context("spawn")
         for rank in range(1, config.tensor_parallel_size):
             ours, theirs = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(config, source, rank, self.spec, os.getpid(), threads_per_rank(config))
+            spec = WorkerSpec(config, source, placement, rank, self.spec, os.getpid(), threads_per_rank(config))
             proc = ctx.Process(target=worker_main, args=(spec, theirs), name=f"gateway-tp-rank{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -147,7 +153,7 @@ class TensorParallelExecutor:
 
     def check_health(self) -> None:
         if self.dead_reason is not None:
-            raise EngineDeadError(self.dead_reason)
+            raise ExecutorDeadError(self.dead_reason)
 
     # ---- death and shutdown --------------------------------------------------------------
     def _watch_workers(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import Config
 from gateway.executor.parallel import CommSpec
+from gateway.executor.placement import Placement
 from gateway.models.loader import ModelSource
 
 
@@ -24,6 +25,7 @@ from gateway.models.loader import ModelSource
 class WorkerSpec:
     config: Config
     source: ModelSource
+    placement: Placement      # the driver's device and dtype: ranks never resolve their own
     rank: int
     comm: CommSpec
     parent_pid: int

@@ -1,8 +1,8 @@
 """ModelRunner: owns the model weights, the paged KV cache and the sampler on one device.
 
-Start-up order: resolve dtype → build the model on the device → load weights (progress
-bar) → prepack CPU linears → size and allocate the KV cache (logged) → on CUDA, capture
-decode CUDA graphs (cuda_graphs.py). Each step: flat batch → one forward for all sequences
+Start-up order: device and dtype (placement.py; the executor passes them in) → build the
+model on the device → load weights (progress bar) → prepack CPU linears → size and allocate
+the KV cache (logged) → on CUDA, capture decode CUDA graphs (cuda_graphs.py). Each step: flat batch → one forward for all sequences
 (a graph replay when every sequence decodes) → logits of the sampled rows → sampler.
 As one tensor-parallel rank (a ParallelContext): the model is built as this rank's shard
 and loaded from lazy checkpoint slices, and the KV cache waits for `init_kv_cache(n)`
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +21,8 @@ from gateway import kernels
 from gateway.config import Config
 from gateway.executor.batch import build_flat_batch
 from gateway.executor.cuda_graphs import build_cuda_graphs
+from gateway.executor.interface import StepResult
+from gateway.executor.placement import Placement, resolve_placement
 from gateway.models import registry
 from gateway.models.loader import ModelSource, iter_checkpoint, iter_weights
 from gateway.models.tp_layers import ParallelContext, shard_plan
@@ -29,35 +30,7 @@ from gateway.sampling.sampler import Sampler, SamplingBatch
 
 log = logging.getLogger("gateway.runner")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CPU_KV_BYTES = 2 * 2**30
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available "
-                         "(this torch build: " + torch.__version__ + "); use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cpu":
-        # bf16 matmuls run on AMX/AVX512-BF16 through oneDNN; elsewhere fp32 is faster on CPU.
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-    declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-    return declared if declared in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def huge_page_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -74,18 +47,15 @@ def huge_page_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-@dataclass
-class StepResult:
-    token_ids: list[int | None]          # aligned with the scheduler output; None = no sample
-    logprobs: list | None                # aligned likewise, TokenLogprob or None
-
-
 class ModelRunner:
+    """The Executor (interface.py) at tp=1, and each rank's model under tensor parallelism."""
+    death_listener = None   # never called: nothing here dies apart from the engine thread itself
+
     def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int],
-                 parallel: ParallelContext | None = None):
+                 parallel: ParallelContext | None = None, placement: Placement | None = None):
         self.config, self.parallel = config, parallel
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        placement = placement or resolve_placement(config, hf_config)
+        self.device, self.dtype = placement.device, placement.dtype
         kernels.set_backend(config.kernel_backend)
         model_class, self.arch = registry.resolve(hf_config)
         self.num_kv_heads = (self.arch.num_kv_heads if parallel is None else    # on this rank
@@ -159,6 +129,16 @@ class ModelRunner:
                  num_blocks * self.kv_bytes_per_block / 2**20, self.dtype)
         return caches
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return []   # no worker processes of its own
+
+    def check_health(self) -> None:
+        """Nothing to watch at tp=1: an error in a step raises from execute() itself."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the weights and KV cache go with the object."""
+
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
         """Run one step for `scheduled` (ScheduledSequence list); sample where a sequence caught up."""
@@ -168,6 +148,7 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         tokens: list[int | None] = [None] * len(scheduled)
         logprobs: list | None = None
+        errors: dict[int, str] = {}
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.logits_indices])
             if logits is None:   # a tensor-parallel worker: rank 0 samples
@@ -177,8 +158,9 @@ class ModelRunner:
             result = self.sampler(logits, sampling)
             for row, token in zip(batch.sample_rows, result.token_ids):
                 tokens[row] = token
+            errors = {batch.sample_rows[i]: why for i, why in result.failed.items()}
             if result.logprobs is not None:
                 logprobs = [None] * len(scheduled)
                 for row, entry in zip(batch.sample_rows, result.logprobs):
                     logprobs[row] = entry
-        return StepResult(tokens, logprobs)
+        return StepResult(tokens, logprobs, errors)

@@ -1,9 +1,11 @@
-"""Collectives between tensor-parallel ranks behind one interface, `Communicator`:
+"""Collectives between tensor-parallel ranks: the implementations of `Communicator` (the
+interface the model shards call, declared with them in models/tp_layers.py):
 all_reduce(t) sums in place over ranks; gather(t) concatenates along the last dim on rank 0.
 
 Implementations: ShmCommunicator (shm_comm.py; CPU ranks on one host, the CPU default
-because it measured ~5-10x faster than gloo) and TorchDistCommunicator (torch.distributed:
-gloo on CPU, NCCL on CUDA, rendezvous over TCP on a free loopback port).
+because it measured 15-45x faster than gloo at p50, see the README) and
+TorchDistCommunicator (torch.distributed: gloo on CPU, NCCL on CUDA, rendezvous over TCP on
+a free loopback port).
 `CommSpec` is what the driver decides once and sends to every rank; `create_communicator`
 turns it into the rank's communicator (joining the process group or attaching the segment)."""
 
@@ -12,20 +14,10 @@ from __future__ import annotations
 import datetime
 import socket
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-
-class Communicator(Protocol):
-    rank: int
-    world_size: int
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor | None: ...
-
-    def close(self) -> None: ...
+from gateway.models.tp_layers import Communicator
 
 
 @dataclass(frozen=True)

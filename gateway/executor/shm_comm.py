@@ -1,6 +1,7 @@
 """ShmCommunicator: all-reduce and gather between tensor-parallel ranks on one host through
-one shared-memory segment and spin-waited counters. Measured about 5-10x faster than gloo
-over loopback TCP for the [tokens, hidden] tensors of a decode step (see bench/tp.py).
+one shared-memory segment and spin-waited counters. Measured 15-45x faster than gloo over
+loopback TCP at p50 for the [tokens, hidden] tensors of a decode step, 3-10x under load
+(bench/tp.py; the figures are in the README's Design section).
 
 Segment layout: a control block (one 64-byte line per rank: [op counter, element count,
 sleeping flag])
@@ -29,8 +30,8 @@ from multiprocessing import shared_memory
 import numpy as np
 import torch
 
-from gateway.engine.errors import EngineDeadError
 from gateway.executor import futex
+from gateway.executor.errors import ExecutorDeadError
 
 _LINE = 64                 # bytes of control per rank (one cache line)
 SPIN_S = 10e-6             # spin this long, then sleep on the futex: on a busy 2-core host a
@@ -166,12 +167,12 @@ class ShmCommunicator:
 
     def _check(self, started: float) -> None:
         if self.abort is not None:
-            raise EngineDeadError(self.abort)
+            raise ExecutorDeadError(self.abort)
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            raise EngineDeadError("the driver process is gone")
+            raise ExecutorDeadError("the driver process is gone")
         if time.monotonic() - started > self.timeout_s:
             late = [r for r in range(self.world_size) if self._counter[r] < self._op]
-            raise EngineDeadError(f"tensor-parallel collective timed out after {self.timeout_s:.0f}s "
+            raise ExecutorDeadError(f"tensor-parallel collective timed out after {self.timeout_s:.0f}s "
                                   f"waiting for rank(s) {late}")
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
 def _start(spec: WorkerSpec):
     import torch
 
-    from gateway.executor.model_runner import ModelRunner, resolve_device
+    from gateway.executor.model_runner import ModelRunner
     from gateway.executor.parallel import create_communicator
     from gateway.models import registry
     from gateway.models.loader import load_hf_config
@@ -55,11 +55,11 @@ def _start(spec: WorkerSpec):
     torch.set_num_threads(spec.num_threads)
     if config.model_module:
         registry.load_model_module(config.model_module)
-    if resolve_device(config.device).type == "cuda":
+    if spec.placement.device.type == "cuda":
         torch.cuda.set_device(spec.rank)
     comm = create_communicator(spec.comm, spec.rank, parent_pid=spec.parent_pid)
     parallel = ParallelContext(spec.rank, spec.comm.world_size, comm)
-    runner = ModelRunner(config, spec.source, load_hf_config(spec.source), set(), parallel)
+    runner = ModelRunner(config, spec.source, load_hf_config(spec.source), set(), parallel, spec.placement)
     return runner, comm
 
 

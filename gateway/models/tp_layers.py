@@ -14,7 +14,7 @@ the `*_linear` / `vocab_embedding` builders return the plain single-device modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +25,27 @@ from gateway.models.loader import materialize
 from gateway.models.partition import AttentionShard, partition_attention, split_evenly
 
 if TYPE_CHECKING:
-    from gateway.executor.parallel import Communicator
     from gateway.models.arch import ModelArch
+
+
+class Communicator(Protocol):
+    """The collectives a shard calls, declared here beside their callers; the executor
+    implements them (executor/parallel.py: shared memory, gloo, NCCL)."""
+    rank: int
+    world_size: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...        # sums in place over ranks
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor | None: ...     # last dim, on rank 0 only
+
+    def close(self) -> None: ...
 
 
 @dataclass
 class ParallelContext:
     rank: int
     world_size: int
-    comm: "Communicator"
+    comm: Communicator
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from itertools import chain
 
 import torch
 
-from gateway.engine.messages import TokenLogprob
+from gateway.sampling.logprobs import TokenLogprob
 from gateway.scheduler.sequence import Sequence
 
 # Below this a temperature is greedy: dividing logits by it overflows float32.

@@ -4,7 +4,7 @@
  * layer, and paged attention in torch must first gather every sequence's pages into a
  * contiguous copy (and prefill runs per sequence). These loops read the paged cache in place.
  * Data: fp32 (dtype 0) or bf16 stored as uint16 (dtype 1); math and accumulation are fp32,
- * except that bf16 attention on AVX512-BF16 multiplies bf16 pairs (see the prefill section).
+ * except that bf16 attention on AVX512-BF16 multiplies bf16 pairs (prefill_attention.c, decode_bf16.c).
  * Threads: OpenMP, linked against the libgomp torch already loaded (same pool, no
  * oversubscription). */
 #include "common.h"
