@@ -4,6 +4,7 @@ newest by recompute, abort, and every block coming back. Tiny pools, exact expec
 import pytest
 
 from gateway.scheduler.scheduler import Scheduler, SchedulerOutput
+from gateway.sampling.params import SamplingParams
 from gateway.scheduler.sequence import Sequence, SequenceStatus
 
 SAMPLED = 999
@@ -11,9 +12,12 @@ SAMPLED = 999
 
 def make_scheduler(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32,
                    num_blocks=8, block_size=4, enable_prefix_caching=True,
-                   max_prefill_tokens_with_decodes=None) -> Scheduler:
+                   max_prefill_tokens_with_decodes=None, admission_headroom_tokens=0) -> Scheduler:
+    """Headroom 0 by default: most tests here pin down budget, chunking and preemption on
+    pools packed to the last block; the admission-headroom tests at the end set it."""
     return Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len,
-                     num_blocks, block_size, enable_prefix_caching, max_prefill_tokens_with_decodes)
+                     num_blocks, block_size, enable_prefix_caching, max_prefill_tokens_with_decodes,
+                     admission_headroom_tokens)
 
 
 def step(scheduler: Scheduler) -> SchedulerOutput:
@@ -251,3 +255,76 @@ def test_a_max_model_len_the_pool_cannot_hold_is_rejected_at_construction():
 def test_a_token_budget_below_max_num_seqs_is_rejected_at_construction():
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(3\) must be >= max_num_seqs \(4\)"):
         make_scheduler(max_num_seqs=4, max_num_batched_tokens=3)
+
+
+# ---- admission under KV pressure (issue 21) ----------------------------------------------
+
+def run_to_end(scheduler: Scheduler, seqs: list[Sequence], limit: int = 40) -> list[SchedulerOutput]:
+    """Steps until everything finished, ending each sequence at max_tokens as the engine does."""
+    outputs = []
+    while scheduler.has_unfinished and len(outputs) < limit:
+        outputs.append(step(scheduler))
+        for seq in seqs:
+            if not seq.is_finished and seq.num_output_tokens >= seq.params.max_tokens:
+                scheduler.finish(seq, "length")
+    return outputs
+
+
+def test_a_prompt_that_cannot_fit_beside_the_running_one_waits_instead_of_thrashing():
+    # 8 blocks of 4: a grows to 6 blocks, b's prompt needs 5. b's first chunk (4 tokens) would
+    # fit beside a; admitted, it was preempted again after a grew, and recomputed.
+    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=8, max_model_len=32, num_blocks=8,
+                          block_size=4, enable_prefix_caching=False, max_prefill_tokens_with_decodes=4)
+    a, b = Sequence("a", [1] * 8, SamplingParams(max_tokens=16)), Sequence("b", [2] * 20, SamplingParams(max_tokens=2))
+    scheduler.add(a)
+    step(scheduler)
+    scheduler.add(b)
+    outputs = run_to_end(scheduler, [a, b])
+    assert [rows(o) for o in outputs[:15]] == [[("a", 1)]] * 15   # b waits while a runs...
+    assert [rows(o) for o in outputs[15:]] == [[("b", 8)], [("b", 8)], [("b", 4)], [("b", 1)]]
+    assert sum(o.num_preemptions for o in outputs) == 0 and sum(o.num_recomputed_tokens for o in outputs) == 0
+    assert b.block_table == [] and b.output_token_ids == [SAMPLED] * 2 and b.num_preemptions == 0
+    assert scheduler.num_free_blocks == 8
+
+
+@pytest.mark.parametrize("num_blocks, b_blocks", [(9, [6]), (8, [7])])
+def test_admission_leaves_room_for_the_running_sequences_next_tokens(num_blocks, b_blocks):
+    # a (20-token prompt, max_tokens 8) holds 6 blocks after its first decode and will need a
+    # 7th within the headroom (2 blocks' worth of tokens); b needs 1 block now and 2 at its end.
+    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=32,
+                          num_blocks=num_blocks, block_size=4)
+    a, b = Sequence("a", [1] * 20, SamplingParams(max_tokens=8)), Sequence("b", [2] * 4, SamplingParams(max_tokens=2))
+    scheduler.add(a)
+    step(scheduler)
+    scheduler.add(b)
+    outputs = [step(scheduler)]
+    admitted_at_once = num_blocks == 9   # 3 free: 1 for b's prompt, 1 for a's next, 1 for b's next
+    assert rows(outputs[0]) == ([("a", 1), ("b", 4)] if admitted_at_once else [("a", 1)])
+    while not b.block_table:            # else b waits for a to finish
+        outputs += run_to_end(scheduler, [a, b], limit=1)
+    assert b.block_table == b_blocks and a.is_finished is not admitted_at_once
+    outputs += run_to_end(scheduler, [a, b])
+    assert sum(o.num_preemptions for o in outputs) == 0
+    assert a.is_finished and b.is_finished and scheduler.num_free_blocks == num_blocks
+
+
+def test_an_idle_scheduler_admits_a_prompt_however_little_room_it_leaves():
+    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=32, num_blocks=8, block_size=4)
+    a = Sequence("a", [1] * 30, SamplingParams(max_tokens=2))
+    scheduler.add(a)
+    assert rows(step(scheduler)) == [("a", 30)] and a.block_table == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_recomputed_tokens_are_the_ones_a_preemption_dropped_minus_the_prefix_hit():
+    scheduler = make_scheduler(num_blocks=4, max_model_len=16)
+    a, b, c = Sequence("a", [1] * 7), Sequence("b", [2] * 7), Sequence("c", [3, 3])
+    for seq in (a, b):
+        scheduler.add(seq)
+    outputs = [step(scheduler), step(scheduler)]
+    scheduler.add(c)
+    outputs.append(step(scheduler))     # b preempted with 8 tokens computed
+    scheduler.finish(a, "stop")
+    outputs.append(step(scheduler))     # b back: block 2 (4 tokens) hit, positions 4..8 computed
+    assert [o.num_recomputed_tokens for o in outputs] == [0, 0, 0, 4]
+    assert rows(outputs[-1]) == [("b", 5), ("c", 2)] and b.recompute_until == 8
+    assert step(scheduler).num_recomputed_tokens == 0   # position 9 is new

@@ -6,7 +6,8 @@ twice, each block's ref count is the number of running sequences whose table hol
 every computed token of every running sequence reads the right KV (so prefix-cache hits
 and shared blocks are correct), the budget and max_num_seqs hold each step, a step with
 work pending schedules something, preempted sequences wait at the front with nothing
-computed (and a step that preempts admits nobody), and aborting everything frees every block."""
+computed (and a step that preempts admits nobody), a sequence admitted beside running ones
+leaves the pool their headroom, and aborting everything frees every block."""
 
 from collections import Counter
 
@@ -40,6 +41,7 @@ def scheduler_configs(draw) -> dict:
         block_size=block_size,
         enable_prefix_caching=draw(st.booleans()),
         max_prefill_tokens_with_decodes=draw(st.one_of(st.none(), st.integers(1, 12))),
+        admission_headroom_tokens=draw(st.one_of(st.none(), st.integers(0, 8))),
     )
 
 
@@ -83,6 +85,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.scheduler.num_running <= self.scheduler.max_num_seqs
         assert bool(output.scheduled) == had_work, "work was pending but nothing was scheduled"
         self.check_preemptions(output, was_running)
+        self.check_admission_headroom(output, was_running)
         assert 0 <= output.prefix_cache_hits <= output.prefix_cache_queries
         assert all(seq in self.scheduler.waiting for seq in output.preempted)
         self.run_model(output)
@@ -106,6 +109,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert seq.request_id in was_running and seq.request_id not in scheduled
             assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.num_preemptions >= 1
         assert scheduled <= was_running, "a step that preempted admitted a waiting sequence"
+
+    def check_admission_headroom(self, output: SchedulerOutput, was_running: set[str]) -> None:
+        """A sequence admitted beside others left the pool room for the rest of every running
+        prompt and the next admission_headroom_tokens tokens of each (up to its own end)."""
+        admitted = [row for row in output.scheduled if row.seq.request_id not in was_running]
+        if not admitted or (not was_running and len(admitted) == 1):
+            return   # an idle scheduler admits its first sequence however little room is left
+        scheduler, reserve = self.scheduler, 0
+        for seq in scheduler.running:
+            end = min(seq.num_prompt_tokens + seq.params.max_tokens, scheduler.max_model_len)
+            target = max(seq.num_tokens, min(seq.num_tokens + scheduler.admission_headroom_tokens, end))
+            reserve += max(0, -(-target // self.block_size) - len(seq.block_table))
+        assert scheduler.num_free_blocks >= reserve, "admitted into a pool without headroom"
 
     def run_model(self, output: SchedulerOutput) -> None:
         """Write the shadow KV of every new token; no slot is written twice in a step."""

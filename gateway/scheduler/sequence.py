@@ -33,6 +33,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block, in order
     num_cached_tokens: int = 0              # prefix-cache hit at the latest admission
     num_preemptions: int = 0
+    # Tokens computed before the latest preemption: computing positions below this again is
+    # recompute (what SchedulerOutput.num_recomputed_tokens counts).
+    recompute_until: int = 0
     finish_reason: str | None = None        # stop | length | abort | error
     first_scheduled_time: float | None = None
 
