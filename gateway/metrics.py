@@ -26,7 +26,9 @@ from gateway.engine.messages import RequestRecord, StepStats
 PREFIX = "gateway:"
 VLLM_PREFIX = "vllm:"
 ENGINE_INDEX = "0"   # vLLM labels every series with its engine index; we run one engine
-FINISH_REASONS = ("stop", "length", "abort", "error")
+# "rejected": refused before the engine ran anything (429 queue full, 400 at admission), so
+# neither an error nor an abort of work done; such requests touch no other family.
+FINISH_REASONS = ("stop", "length", "abort", "error", "rejected")
 
 # Buckets copied from vLLM v1 (PrometheusStatLogger.__init__).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -184,6 +186,9 @@ class ServerMetrics:
 
     def on_request_finished(self, rec: RequestRecord) -> None:
         """API event loop, once per finished request (any finish reason)."""
+        if rec.finish_reason == "rejected":   # no tokens processed, no latency worth a histogram
+            self._count_success(rec.finish_reason)
+            return
         self._inc("prompt_tokens", rec.num_prompt_tokens)
         self._inc("generation_tokens", rec.num_generation_tokens)
         self._count_success(rec.finish_reason)

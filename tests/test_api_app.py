@@ -256,8 +256,9 @@ def error(response, status, param=None):
 
 def test_malformed_json_and_non_object_bodies_are_400():
     _, client = make()
-    error(client.post("/v1/chat/completions", content=b"{nope"), 400)
-    error(client.post("/v1/chat/completions", content=b"[1]"), 400)
+    json_type = {"content-type": "application/json"}
+    error(client.post("/v1/chat/completions", content=b"{nope", headers=json_type), 400)
+    error(client.post("/v1/chat/completions", content=b"[1]", headers=json_type), 400)
 
 
 def test_schema_violation_is_400_with_param():
@@ -351,7 +352,7 @@ def test_body_over_the_limit_is_413_by_content_length():
     assert engine.submitted == []
 
 
-def run_asgi(app, messages, on_send=None, disconnect=None, headers=()):
+def run_asgi(app, messages, on_send=None, disconnect=None, headers=((b"content-type", b"application/json"),)):
     """Drive one HTTP request through `app`; receive() yields `messages`, then waits for
     `disconnect` (an asyncio.Event) before reporting http.disconnect."""
     sent = []

@@ -1,8 +1,11 @@
 """Routes: `build_app(engine, config, metrics=None) -> Starlette`.
 
-Per generation request, in order: read the body (the body limit applies) → parse and validate
-(protocol.py; 400/404 before any tokenization) → check the engine is alive (503) → tokenize on
-the event loop (fast tokenizer; failures are 400s) → fit max_tokens to the context (400) →
+Per generation request, in order: a JSON content type (415 otherwise: a form or text/plain post,
+which any web page may send without a CORS preflight, must not start generation) → read the
+body (the body limit applies) → parse and validate (protocol.py; every list bounded; 400/404
+before any tokenization) → check the engine is alive (503) → tokenize (tokenizing.py: inline
+when small, else on its one thread, so the event loop only moves bytes; failures are 400s) →
+fit max_tokens to the context (400) →
 the deadline (--request-timeout, shortened by an `X-Request-Timeout: <seconds>` header; a bad
 header is a 400) → Job.start() submits the n choices → stream frames (SSEResponse) or collect
 them while watching for a client disconnect → Job.close() aborts what is unfinished and records metrics.
@@ -21,6 +24,7 @@ import uuid
 from functools import wraps
 
 import orjson
+from jinja2 import TemplateError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -28,11 +32,13 @@ from starlette.routing import Route
 
 import gateway
 from gateway.api import protocol as P
-from gateway.api.errors import APIError, from_exception, invalid, json_response, model_not_found
+from gateway.api.errors import (RETRY_AFTER_SECONDS, APIError, from_exception, invalid, json_response,
+                                model_not_found)
 from gateway.api.middleware import build_middleware
 from gateway.api.openapi import build_openapi
 from gateway.api.streaming import (Job, ResponseContext, SSEResponse, chat_events, chat_result,
                                    completion_events, completion_result)
+from gateway.api.tokenizing import Tokenizing
 from gateway.config import Config
 from gateway.engine.messages import EngineRequest
 
@@ -50,7 +56,16 @@ def _guarded(handler):
     return wrapped
 
 
+def _is_json(content_type: str) -> bool:
+    """application/json or application/*+json, parameters (charset) ignored."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _read_json(request) -> dict:
+    if not _is_json(request.headers.get("content-type", "")):
+        raise APIError(415, "The request body must be JSON, sent with `Content-Type: application/json`.",
+                       code="unsupported_media_type")
     raw = await request.body()
     try:
         body = orjson.loads(raw)
@@ -98,10 +113,31 @@ class _API:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.info = P.ModelInfo(engine.model_name, len(engine.tokenizer), engine.max_model_len)
         self.created = int(time.time())
+        self.tokenizing = Tokenizing(engine)
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The chat prompt's token ids; a template failure is the client's input: 400."""
+        try:
+            return await self.tokenizing.chat(messages)
+        except (TemplateError, ValueError) as exc:   # raise_exception(...) in the template, roles
+            raise invalid("messages", f"cannot apply the chat template: {exc}") from None
+        except Exception:   # anything else comes from inside the tokenizer: the log has it
+            log.warning("applying the chat template failed", exc_info=True)
+            raise invalid("messages", "cannot apply the chat template to these messages") from None
+
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            return await self.tokenizing.encode(text, add_special_tokens)
+        except Exception:
+            log.warning("tokenizing a prompt failed", exc_info=True)
+            raise invalid(param, "cannot tokenize the prompt") from None
 
     def _check_alive(self) -> None:
         if not self.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
+        if getattr(self.engine, "draining", False):   # SIGTERM: in-flight work finishes, no new work
+            raise APIError(503, "The server is shutting down; retry the request.", code="server_shutting_down",
+                           headers={"Retry-After": RETRY_AFTER_SECONDS, "Connection": "close"})
 
     def _check_model(self, body: dict) -> None:
         model = P.get(body, "model", "string")
@@ -141,10 +177,7 @@ class _API:
         arrival = time.monotonic()
         req = P.parse_chat(await _read_json(request), self.info)
         self._check_alive()
-        try:
-            prompt = self.engine.encode_chat(req.messages)
-        except Exception as exc:   # template errors (raise_exception, roles) are the client's input
-            raise invalid("messages", f"cannot apply the chat template: {exc}") from None
+        prompt = await self.encode_chat(req.messages)
         ctx = self._context("chatcmpl", req, len(prompt))
         requests = self._requests(ctx, req, [prompt], "messages", arrival)
         return await self._run(request, req, requests, ctx, chat_events, chat_result, arrival)
@@ -154,13 +187,10 @@ class _API:
         arrival = time.monotonic()
         req = P.parse_completion(await _read_json(request), self.info)
         self._check_alive()
-        try:
-            prompts = [self.engine.encode(p) if isinstance(p, str) else p for p in req.prompts]
-        except Exception as exc:
-            raise invalid("prompt", f"cannot tokenize the prompt: {exc}") from None
+        prompts = [await self.encode(p, "prompt") if isinstance(p, str) else p for p in req.prompts]
         echo = None
         if req.echo:
-            texts = [p if isinstance(p, str) else self.engine.decode(p) for p in req.prompts]
+            texts = [p if isinstance(p, str) else await self.tokenizing.decode(p) for p in req.prompts]
             echo = [t for t in texts for _ in range(req.n)]
         ctx = self._context("cmpl", req, sum(map(len, prompts)), echo)
         requests = self._requests(ctx, req, prompts, "prompt", arrival)
@@ -190,15 +220,10 @@ class _API:
         if ("prompt" in body) == ("messages" in body):
             raise invalid("prompt", "send exactly one of `prompt` or `messages`")
         special = P.get(body, "add_special_tokens", "boolean", True)
-        try:
-            if "messages" in body:
-                tokens = self.engine.encode_chat(P.parse_messages(body))
-            else:
-                tokens = self.engine.encode(P.get(body, "prompt", "string", ""), add_special_tokens=special)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise invalid("messages" if "messages" in body else "prompt", f"cannot tokenize: {exc}") from None
+        if "messages" in body:
+            tokens = await self.encode_chat(P.parse_messages(body))
+        else:
+            tokens = await self.encode(P.get(body, "prompt", "string", ""), "prompt", special)
         return json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.info.max_model_len})
 
     @_guarded
@@ -209,7 +234,7 @@ class _API:
             raise invalid(sorted(unknown)[0], f"Unrecognized request argument supplied: {sorted(unknown)[0]}")
         self._check_model(body)
         tokens = P.check_ids(P.get(body, "tokens", "array", []), "tokens", self.info.vocab_size)
-        return json_response({"prompt": self.engine.decode(tokens)})
+        return json_response({"prompt": await self.tokenizing.decode(tokens)})
 
     async def health(self, request):
         # Liveness: a dead engine loop never recovers, so let the orchestrator restart us.
@@ -264,6 +289,7 @@ def build_app(engine, config: Config, metrics=None) -> Starlette:
             yield
         finally:
             await sessions.store.close()   # unpins every session's KV blocks
+            api.tokenizing.close()
             await engine.shutdown()
 
     routes = [

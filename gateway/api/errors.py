@@ -22,7 +22,8 @@ log = logging.getLogger("gateway.api")
 ERROR_TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
     404: "NotFoundError", 405: "MethodNotAllowedError", 408: "RequestTimeoutError",
-    413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
+    413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 429: "RateLimitError",
+    500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
 RETRY_AFTER_SECONDS = "1"   # queue-full is transient: the queue drains at decode speed
@@ -78,8 +79,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc) or "Too many requests are waiting; retry later.",
                         code="queue_full", headers={"Retry-After": RETRY_AFTER_SECONDS})
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc) or "The engine is not running.", code="engine_dead")
+    if isinstance(exc, EngineDeadError):   # why it died (a worker's pid, a traceback) is for the log
+        return APIError(503, "The engine is not running.", code="engine_dead")
     log.error("internal error while serving a request", exc_info=exc)
-    return APIError(500, f"Internal server error ({type(exc).__name__}); see the server log.",
-                    code="internal_error")
+    return APIError(500, "Internal server error; see the server log.", code="internal_error")

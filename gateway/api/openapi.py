@@ -7,7 +7,8 @@ gateway/api/sessions.py. Pure data: building it has no side effects."""
 
 from __future__ import annotations
 
-from gateway.api.protocol import MAX_CHOICES, MAX_LOGPROBS, MAX_STOP
+from gateway.api.protocol import (MAX_CHOICES, MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_MESSAGES,
+                                  MAX_STOP, MAX_STOP_TOKEN_IDS)
 
 _INT, _NUM, _BOOL, _STR = {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "string"}
 
@@ -34,13 +35,13 @@ _SAMPLING = {
     "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2, "default": 0},
     "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2, "default": 0},
     "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "default": 1},
-    "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+    "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "maxProperties": MAX_LOGIT_BIAS,
                    "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100},
                    "description": "token id (as a string) → bias; ids must be in the vocabulary"},
     "seed": {**_INT, "description": "choice i of n uses seed + i"},
     "stop": {"anyOf": [{**_STR, "minLength": 1},
                        {"type": "array", "items": {**_STR, "minLength": 1}, "maxItems": MAX_STOP}]},
-    "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0}},
+    "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0}, "maxItems": MAX_STOP_TOKEN_IDS},
     "ignore_eos": {**_BOOL, "default": False},
     "min_tokens": {**_INT, "minimum": 0, "default": 0},
     "skip_special_tokens": {**_BOOL, "default": True},
@@ -56,7 +57,7 @@ _MESSAGE = {
     "type": "object", "required": ["role", "content"], "additionalProperties": False,
     "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"], "description": "developer → system"},
-        "content": {"anyOf": [_STR, {"type": "array", "items": _TEXT_PART}]},
+        "content": {"anyOf": [_STR, {"type": "array", "items": _TEXT_PART, "maxItems": MAX_CONTENT_PARTS}]},
     },
 }
 _TOKEN_IDS = {"type": "array", "items": {**_INT, "minimum": 0}, "minItems": 1}
@@ -65,7 +66,7 @@ CHAT_REQUEST = {
     "type": "object", "required": ["messages"], "additionalProperties": False,
     "properties": {
         **_NULLABLE_SAMPLING,
-        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": MAX_MESSAGES},
         "max_completion_tokens": _nullable({**_INT, "minimum": 1}),
         "logprobs": _nullable(_BOOL),
         "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": MAX_LOGPROBS,
@@ -76,7 +77,7 @@ COMPLETION_REQUEST = {
     "type": "object", "required": ["prompt"], "additionalProperties": False,
     "properties": {
         **_NULLABLE_SAMPLING,
-        "prompt": {"anyOf": [_STR, _TOKEN_IDS, {"type": "array", "minItems": 1,
+        "prompt": {"anyOf": [_STR, _TOKEN_IDS, {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES,
                                                 "items": {"anyOf": [_STR, _TOKEN_IDS]}}]},
         "echo": _nullable(_BOOL),
         "logprobs": _nullable({**_INT, "minimum": 0, "maximum": MAX_LOGPROBS,
@@ -88,7 +89,7 @@ COMPLETION_REQUEST = {
 TOKENIZE_REQUEST = {
     "type": "object", "additionalProperties": False,
     "properties": {"model": _STR, "prompt": _STR, "add_special_tokens": _BOOL,
-                   "messages": {"type": "array", "items": _MESSAGE, "minItems": 1}},
+                   "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": MAX_MESSAGES}},
     "description": "exactly one of prompt or messages (messages get the chat template)",
 }
 DETOKENIZE_REQUEST = {"type": "object", "required": ["tokens"], "additionalProperties": False,
@@ -117,7 +118,8 @@ SESSION_REVERT_REQUEST = {"type": "object", "required": ["turn"], "additionalPro
 
 def _op(summary: str, body: str | None = None, ok: str = "application/json", errors=(400,)) -> dict:
     op: dict = {"summary": summary, "responses": {"200": {"description": "OK", "content": {ok: {"schema": _ANY}}}}}
-    for status in (*errors, 401):
+    # a body must come as JSON (415 otherwise: no generation from a preflight-free form post)
+    for status in (*errors, 401, *((415,) if body else ())):
         op["responses"][str(status)] = {"description": "error",
                                         "content": {"application/json": {"schema": _ref("Error")}}}
     if body:

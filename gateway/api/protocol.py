@@ -28,6 +28,13 @@ MAX_CHOICES = 128        # n, times the number of prompts for completions
 MAX_STOP = 16
 MAX_LOGPROBS = 20
 INT64 = 2**63
+# Bounds on every list a request carries. Each entry costs work on the event loop (parsing,
+# templating) or in every engine step (stop ids and biases are rebuilt per step), so an
+# unbounded list let one request stall the server or slow every other stream.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 256      # per message
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300         # OpenAI's limit
 
 # body field → JSON type; each maps 1:1 onto the SamplingParams attribute of the same name
 SAMPLING_FIELDS = {
@@ -106,10 +113,25 @@ def _reject_unknown(body: dict, allowed: frozenset) -> None:
         raise invalid(key, f"Unrecognized request argument supplied: {key}", code="unknown_parameter")
 
 
+def bounded(value, param: str, limit: int):
+    """value (a list or object) unless it holds more than `limit` items: a 400 naming both."""
+    if len(value) <= limit:
+        return value
+    if isinstance(value, dict):
+        raise invalid(param, f"Invalid `{param}`: too many entries. Expected at most {limit} entries, "
+                             f"but got {len(value)}.", code="object_above_max_size")
+    raise invalid(param, f"Invalid `{param}`: array too long. Expected an array with maximum length {limit}, "
+                         f"but got an array with length {len(value)} instead.", code="array_above_max_length")
+
+
+def _is_id(t, vocab_size: int) -> bool:
+    return type(t) is int and 0 <= t < vocab_size   # `type is`: JSON true is not a token id
+
+
 def check_ids(ids: list, param: str, vocab_size: int) -> list[int]:
-    for t in ids:
-        if not _CHECKS["integer"](t) or not 0 <= t < vocab_size:
-            raise invalid(param, f"`{param}` must hold token ids in [0, {vocab_size}), got {t!r}")
+    if not all(_is_id(t, vocab_size) for t in ids):   # one C-level pass: prompts can be long
+        bad = next(t for t in ids if not _is_id(t, vocab_size))
+        raise invalid(param, f"`{param}` must hold token ids in [0, {vocab_size}), got {bad!r}")
     return ids
 
 
@@ -118,13 +140,14 @@ def _stops(body: dict, info: ModelInfo) -> tuple[list[str], list[int]]:
     stop = [stop] if isinstance(stop, str) else get(body, "stop", "array", [])
     if len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise invalid("stop", f"`stop` must be a non-empty string or at most {MAX_STOP} of them")
-    ids = check_ids(get(body, "stop_token_ids", "array", []), "stop_token_ids", info.vocab_size)
+    ids = bounded(get(body, "stop_token_ids", "array", []), "stop_token_ids", MAX_STOP_TOKEN_IDS)
+    ids = check_ids(ids, "stop_token_ids", info.vocab_size)
     return stop, ids
 
 
 def _logit_bias(body: dict, info: ModelInfo) -> dict[int, float]:
     bias = {}
-    for key, value in get(body, "logit_bias", "object", {}).items():
+    for key, value in bounded(get(body, "logit_bias", "object", {}), "logit_bias", MAX_LOGIT_BIAS).items():
         if not (key.isascii() and key.isdigit()):   # int() would also take "+5", " 5", "5_0"
             raise invalid("logit_bias", f"`logit_bias` keys must be token ids, got {key!r}")
         token = int(key)
@@ -186,7 +209,7 @@ def _message(i: int, m) -> dict:
     if not isinstance(content, list):
         raise invalid(f"{where}.content", f"`{where}.content` must be a string or an array of text parts")
     texts = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(bounded(content, f"{where}.content", MAX_CONTENT_PARTS)):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
             raise invalid(f"{where}.content[{j}]", f"content part type {kind!r} is not supported "
@@ -199,6 +222,7 @@ def parse_messages(body: dict) -> list[dict]:
     messages = get(body, "messages", "array")
     if not messages:
         raise invalid("messages", "`messages` must be a non-empty array")
+    bounded(messages, "messages", MAX_MESSAGES)
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
@@ -224,17 +248,24 @@ def _prompts(value, info: ModelInfo) -> list[str | list[int]]:
         return [value]
     if not isinstance(value, list) or not value:
         raise invalid("prompt", "`prompt` must be a string, an array of token ids, or an array of those")
-    if all(_CHECKS["integer"](t) for t in value):
-        return [check_ids(value, "prompt", info.vocab_size)]
+    if all(type(t) is int for t in value):
+        return [_token_prompt(value, info)]
     prompts: list[str | list[int]] = []
-    for item in value:
+    for item in bounded(value, "prompt", MAX_CHOICES):   # each prompt is at least one choice
         if isinstance(item, str):
             prompts.append(item)
         elif isinstance(item, list) and item:
-            prompts.append(check_ids(item, "prompt", info.vocab_size))
+            prompts.append(_token_prompt(item, info))
         else:
             raise invalid("prompt", "each prompt must be a string or a non-empty array of token ids")
     return prompts
+
+
+def _token_prompt(ids: list, info: ModelInfo) -> list[int]:
+    if len(ids) > info.max_model_len:   # cannot fit whatever max_tokens is: no need to check each id
+        raise invalid("prompt", f"This model's maximum context length is {info.max_model_len} tokens, "
+                                f"but the prompt has {len(ids)} tokens.", code="context_length_exceeded")
+    return check_ids(ids, "prompt", info.vocab_size)
 
 
 def parse_completion(body: dict, info: ModelInfo) -> CompletionRequest:

@@ -248,15 +248,12 @@ class SessionRoutes:
         if req.n != 1:
             raise invalid("n", "a session records one reply per turn: `n` must be 1")
         self.api._check_alive()
+        session.busy = True   # before the first await: encoding a large prompt yields the loop
         try:
-            prompt = self.engine.encode_chat(req.messages)
-        except Exception as exc:
-            raise invalid("messages", f"cannot apply the chat template: {exc}") from None
-        ctx = self.api._context("chatcmpl", req, len(prompt))
-        job = Job(self.engine, self.api._requests(ctx, req, [prompt], "messages", arrival),
-                  self.api.metrics, arrival, 1, req.max_tokens, _timeout(request, self.api.config))
-        session.busy = True
-        try:
+            prompt = await self.api.encode_chat(req.messages)
+            ctx = self.api._context("chatcmpl", req, len(prompt))
+            job = Job(self.engine, self.api._requests(ctx, req, [prompt], "messages", arrival),
+                      self.api.metrics, arrival, 1, req.max_tokens, _timeout(request, self.api.config))
             return await self._generate(request, session, new, req, job, ctx)
         except BaseException:
             session.busy = False

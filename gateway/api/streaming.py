@@ -25,11 +25,15 @@ import orjson
 
 from gateway.api import protocol as P
 from gateway.api.errors import APIError, from_exception
+from gateway.engine.errors import QueueFullError, RequestRejectedError
 from gateway.engine.messages import EngineRequest, RequestOutput, RequestRecord
 from gateway.sampling.logprobs import TokenLogprob
 
 log = logging.getLogger("gateway.api")
 DONE = b"data: [DONE]\n\n"
+# Refused at admission (429 queue full, 400 rejected by the engine's checks): recorded under
+# finish reason "rejected", not as an error or abort of work the engine did.
+REFUSALS = (QueueFullError, RequestRejectedError)
 _DEADLINE = object()   # queued by the deadline timer in place of an output
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]   # keep reverse proxies from buffering the stream
@@ -48,7 +52,7 @@ class ChoiceState:
     num_tokens: int = 0
     token_times: list[float] = field(default_factory=list)
     first_scheduled_time: float | None = None
-    finish_reason: str | None = None      # stop | length | abort | error
+    finish_reason: str | None = None      # stop | length | abort | error | rejected
 
     def update(self, out: RequestOutput, now: float) -> None:
         self.num_tokens += len(out.new_token_ids)
@@ -59,7 +63,7 @@ class ChoiceState:
             self.first_scheduled_time = out.first_scheduled_time
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
-            if self.finish_reason == "error":
+            if self.finish_reason == "error":   # out.error is written for the client (core.py logs the cause)
                 raise APIError(500, f"generation failed: {out.error or 'engine error'}", code="engine_error")
             if self.finish_reason == "abort":   # we did not ask for it: the engine is going away
                 raise APIError(503, "the engine aborted the request", code="engine_abort")
@@ -98,6 +102,8 @@ class Job:
         except Exception as exc:
             if state.num_tokens == 0 and self.submit_error is None:
                 self.submit_error = exc
+            if isinstance(exc, REFUSALS) and state.num_tokens == 0:   # the engine ran nothing for it
+                state.finish_reason = "rejected"
             self._queue.put_nowait((state, exc))
         finally:
             self._queue.put_nowait((state, None))
@@ -121,7 +127,7 @@ class Job:
             if item is None:
                 self._pending -= 1
             elif isinstance(item, BaseException):
-                state.finish_reason = "error"
+                state.finish_reason = state.finish_reason or "error"
                 raise item
             else:
                 state.update(item, time.monotonic())

@@ -85,7 +85,17 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        """False from the moment a death is known, also before the loop itself notices it: a
+        dead tensor-parallel worker is declared by the executor's monitor thread, and the loop
+        only sees it at its next health check or collective (so /health, /ready and admission
+        all answer from this one check)."""
+        if self._thread is None or not self._thread.is_alive() or self._dead is not None:
+            return False
+        try:
+            self.core.check_health()
+        except Exception:
+            return False
+        return True
 
     def is_ready(self) -> bool:
         return self._ready and self.is_alive
@@ -120,8 +130,8 @@ class AsyncEngine:
                 if self._step_listener is not None:
                     self._step_listener(stats)
         except BaseException as exc:  # the loop must never die silently
+            self._dead = exc   # first: is_alive turns false before the traceback is formatted
             log.error("engine loop crashed:\n%s", traceback.format_exc())
-            self._dead = exc
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_all, exc)
         finally:
