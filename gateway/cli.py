@@ -46,7 +46,10 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
     p.add_argument("--guard-metrics", action="store_true", help="require the API key on /metrics")
     p.add_argument("--metrics-compat", default=None, choices=["vllm"])
-    p.add_argument("--max-waiting-requests", type=int, default=1024)
+    p.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="429 (Retry-After) for a request that arrives while this many wait: accepted but "
+                        "not yet scheduled (preempted ones included), whatever --max-num-seqs is; the same "
+                        "count as gateway:num_requests_waiting; >= 1")
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20)
     p.add_argument("--cors-origin", action="append", default=[])
     p.add_argument("--cors-allow-methods", action="append", default=None,
@@ -58,6 +61,15 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="seconds from arrival before a request is aborted (408); "
                         "the X-Request-Timeout header can only shorten it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--shutdown-grace", type=float, default=25.0,
+                   help="seconds in-flight requests get after SIGTERM before they end with an error "
+                        "(keep it below the orchestrator's kill timeout; a second signal exits at once)")
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="open client connections; at the cap the longest-idle one is closed")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send its request head (idle sockets, slowloris)")
+    p.add_argument("--keep-alive-timeout", type=float, default=65.0, help="seconds an idle keep-alive connection lives")
+    p.add_argument("--max-header-bytes", type=int, default=16384, help="largest request head accepted")
     p.add_argument("--max-sessions", type=int, default=64, help="live chat sessions (/v1/sessions)")
     p.add_argument("--session-ttl", type=float, default=1800.0,
                    help="seconds an idle chat session lives before it is dropped")
@@ -106,12 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _api_keys(args: argparse.Namespace, environ: dict) -> list[str]:
-    keys = list(args.api_key)
-    if environ.get("GATEWAY_API_KEY"):
-        keys += [k for k in environ["GATEWAY_API_KEY"].split(",") if k]
+    """Every key, stripped. An empty one is an error, not a no-op: a blank secret or flag must
+    never leave the server open or let `Bearer ` with no token in."""
+    for key in args.api_key:
+        if not key.strip():
+            raise ValueError("--api-key must not be empty or whitespace-only")
+    keys = [k.strip() for k in args.api_key]
+    if "GATEWAY_API_KEY" in environ:
+        entries = environ["GATEWAY_API_KEY"].split(",")
+        if not all(e.strip() for e in entries):
+            raise ValueError("GATEWAY_API_KEY holds an empty key (comma-separated keys, none blank)")
+        keys += [e.strip() for e in entries]
     if args.api_key_file:
         with open(args.api_key_file) as f:
-            keys += [line.strip() for line in f if line.strip()]
+            from_file = [line.strip() for line in f if line.strip()]   # blank lines are spacing
+        if not from_file:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+        keys += from_file
     return keys
 
 
@@ -144,7 +167,10 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> C
             cors_allow_methods=_csv(args.cors_allow_methods, ["*"]),
             cors_allow_headers=_csv(args.cors_allow_headers, ["*"]),
             cors_allow_credentials=args.cors_allow_credentials, request_timeout=args.request_timeout,
-            log_level=args.log_level, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
+            log_level=args.log_level, shutdown_grace_s=args.shutdown_grace,
+            max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+            keep_alive_timeout_s=args.keep_alive_timeout, max_header_bytes=args.max_header_bytes,
+            max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
             session_kv_budget_blocks=args.session_kv_budget_blocks)
     return Config(**fields)
 

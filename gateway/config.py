@@ -63,6 +63,12 @@ class Config:
     cors_allow_credentials: bool = False
     request_timeout: float | None = None  # seconds from arrival; expiry aborts the request (408)
     log_level: str = "info"
+    # shutdown and connection hygiene (gateway/api/server.py, gateway/api/connections.py)
+    shutdown_grace_s: float = 25.0        # SIGTERM: in-flight requests get this long, then an error
+    max_connections: int = 4096           # open client connections; at the cap the longest idle goes
+    header_timeout_s: float = 10.0        # a request head must arrive within this (idle/slowloris)
+    keep_alive_timeout_s: float = 65.0    # idle keep-alive; above the usual 60 s of proxies and LBs
+    max_header_bytes: int = 16384         # a larger request head is refused
     # server-side chat sessions (gateway/api/sessions.py)
     max_sessions: int = 64                # live sessions; one more → 429
     session_ttl_s: float = 1800.0         # idle sessions are unpinned and dropped after this
@@ -93,8 +99,24 @@ class Config:
             raise ValueError(f"--request-timeout must be a positive number of seconds, not {self.request_timeout!r}")
         if self.tp_comm not in ("auto", "shm", "gloo", "nccl"):
             raise ValueError(f"--tp-comm must be auto, shm, gloo or nccl, not {self.tp_comm!r}")
+        self._check_server_limits()
         if self.metrics_compat not in (None, "vllm"):
             raise ValueError(f"--metrics-compat must be 'vllm', not {self.metrics_compat!r}")
+
+    def _check_server_limits(self) -> None:
+        # An empty key would let `Authorization: Bearer ` (no token) in.
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise ValueError("--api-key must not be empty or whitespace-only")
+        if not 0 <= self.shutdown_grace_s < float("inf"):
+            raise ValueError(f"--shutdown-grace must be >= 0 seconds, not {self.shutdown_grace_s!r}")
+        for flag, value in (("--header-timeout", self.header_timeout_s),
+                            ("--keep-alive-timeout", self.keep_alive_timeout_s)):
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{flag} must be a positive number of seconds, not {value!r}")
+        if self.max_connections < 1:
+            raise ValueError("--max-connections must be >= 1")
+        if self.max_header_bytes < 1024:
+            raise ValueError("--max-header-bytes must be >= 1024")
 
     @property
     def kv_cache_bytes(self) -> int | None:

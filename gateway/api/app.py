@@ -243,12 +243,14 @@ class _API:
         return json_response({"status": "engine dead"}, 503)
 
     async def ready(self, request):
-        ready = self.engine.is_alive and self.engine.is_ready()
+        draining = getattr(self.engine, "draining", False)   # the load balancer must stop routing now
+        ready = self.engine.is_alive and self.engine.is_ready() and not draining
         try:
             in_use = self.engine.num_kv_blocks_in_use()
         except Exception:   # a dead engine cannot answer; readiness already says so
             in_use = None
-        body = {"status": "ready" if ready else "not ready", "model": self.info.name, "kv_blocks_in_use": in_use}
+        status = "ready" if ready else "draining" if draining else "not ready"
+        body = {"status": status, "model": self.info.name, "kv_blocks_in_use": in_use}
         worker_pids = getattr(self.engine, "worker_pids", None)
         if worker_pids is not None:   # tensor-parallel worker processes (empty at --tp 1)
             body["worker_pids"] = worker_pids()

@@ -5,7 +5,8 @@
    and credentials from config.cors_allow_*): outermost, so preflights never need a key and
    401/413 answers still carry the CORS headers;
 2. APIKeyMiddleware (only when config.api_keys is non-empty): every path except /health and
-   /ready — and /metrics unless config.guard_metrics — needs `Authorization: Bearer <key>`;
+   /ready — and /metrics unless config.guard_metrics — needs `Authorization: Bearer <key>`
+   (constant-time over every key; an empty key is refused at construction, an empty token always);
 3. BodyLimitMiddleware: 413 past config.max_request_bytes, decided from Content-Length before
    the app runs, or by counting the chunks as the app reads them (chunked uploads have none).
 Side effects: none but the responses they send instead of the app's."""
@@ -34,6 +35,8 @@ def _header(scope, name: bytes) -> bytes | None:
 class APIKeyMiddleware:
     def __init__(self, app, api_keys: list[str], guard_metrics: bool = False):
         self.app = app
+        if not api_keys or any(not k.strip() for k in api_keys):   # Config refuses these already
+            raise ValueError("API keys must be non-empty")
         # Comparing fixed-size digests keeps compare_digest's timing independent of key lengths.
         self.digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
         self.open_paths = OPEN_PATHS if guard_metrics else OPEN_PATHS | {"/metrics"}
@@ -41,11 +44,13 @@ class APIKeyMiddleware:
     def authorized(self, scope) -> bool:
         value = _header(scope, b"authorization") or b""
         scheme, _, token = value.partition(b" ")
-        digest = hashlib.sha256(token.strip()).digest()
+        token = token.strip()
+        digest = hashlib.sha256(token).digest()
         ok = False
         for expected in self.digests:   # no early exit: every key is compared on every request
             ok |= hmac.compare_digest(digest, expected)
-        return ok and scheme.lower() == b"bearer"
+        # An empty token never passes, whatever the keys (`Bearer ` alone is no credential).
+        return ok and bool(token) and scheme.lower() == b"bearer"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self.authorized(scope):

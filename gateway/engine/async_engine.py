@@ -56,6 +56,7 @@ class AsyncEngine:
         self._stopping = False
         self._ready = False
         self._dead: BaseException | None = None
+        self.draining = False   # set by the server on SIGTERM: the API takes no new work (api/server.py)
         core.runner.death_listener = self._wakeup.set   # a dead tensor-parallel worker wakes an idle loop
         self._latest_stats = StepStats(num_total_blocks=core.runner.num_blocks,
                                        num_free_blocks=core.runner.num_blocks)
@@ -222,6 +223,14 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
                 if finished:
+    def fail_in_flight(self, make_error: Callable[[], BaseException]) -> int:
+        """Event loop side: end every in-flight request with make_error() (what the drain
+        deadline does). Each consumer raises it, and its generate() aborts the request, which
+        frees its KV blocks. Returns how many requests were ended."""
+        for q in self._queues.values():
+            q.put_nowait(make_error())
+        return len(self._queues)
+
                     return
         finally:
             self._queues.pop(request.request_id, None)
