@@ -185,6 +185,14 @@ class AsyncEngine:
         if q is not None:
             q.put_nowait(exc)
 
+    def fail_in_flight(self, make_error: Callable[[], BaseException]) -> int:
+        """Event loop side: end every in-flight request with make_error() (what the drain
+        deadline does). Each consumer raises it, and its generate() aborts the request, which
+        frees its KV blocks. Returns how many requests were ended."""
+        for q in self._queues.values():
+            q.put_nowait(make_error())
+        return len(self._queues)
+
     def _fail_all(self, exc: BaseException) -> None:
         for q in self._queues.values():
             q.put_nowait(EngineDeadError(f"the engine stopped: {exc!r}"))
@@ -223,14 +231,6 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
                 if finished:
-    def fail_in_flight(self, make_error: Callable[[], BaseException]) -> int:
-        """Event loop side: end every in-flight request with make_error() (what the drain
-        deadline does). Each consumer raises it, and its generate() aborts the request, which
-        frees its KV blocks. Returns how many requests were ended."""
-        for q in self._queues.values():
-            q.put_nowait(make_error())
-        return len(self._queues)
-
                     return
         finally:
             self._queues.pop(request.request_id, None)
