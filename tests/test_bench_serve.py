@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "serve.py"
+sys.path.insert(0, str(ROOT / "bench"))   # also when run as the fake server (no conftest then)
 
 # Keys `vllm bench serve --save-result` writes (vllm/benchmarks/serve.py), percentiles 50,90,99.
 VLLM_KEYS = {
