@@ -37,7 +37,7 @@ from server_process import ServerProcess  # noqa: E402
 from soak_plan import PRESSURE_BURST, Item, Result, build_plan, run_one  # noqa: E402
 
 SERVER_ARGS = ["--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", "512",
-               "--max-num-seqs", "32", "--max-waiting-requests", "0"]
+               "--max-num-seqs", "32", "--max-waiting-requests", "8"]
 START_TIMEOUT_S = 900
 
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--url", default=None, help="an existing server; default: start one")
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=34,
-                   help="clients; above max-num-seqs + max-waiting-requests (32), so 429s happen")
+                   help="clients; above what the pool runs plus max-waiting-requests (8), so 429s happen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model for the started server (default: the default model)")
     p.add_argument("--api-key", default=None)

@@ -2,8 +2,8 @@
 
 The plan opens with PRESSURE_BURST "pressure" completions that bench/soak.py sends together
 before anything else: 160-token prompts (10 blocks of 16) growing by 64 tokens each. They are
-two more than the soak server admits (--max-num-seqs 32, no waiting room), so 429s are certain,
-and any six of them need 84 blocks of its 64, so preemption is certain, whatever the timing.
+more than the soak server admits (at most 8 may wait to be scheduled, --max-waiting-requests 8),
+so 429s are certain, and any five of them need 70 blocks of its 64, so preemption is certain.
 
 Kinds, with their share of the rest of the plan and the outcome each must have:
   completion 36%, chat 30%  valid; 200 and finished (a 429 is retried after Retry-After, up to

@@ -42,7 +42,7 @@ class Config:
     kv_cache_memory: str | None = None    # bytes ("2GiB") for the KV pool
     num_kv_blocks: int | None = None      # or an exact block count (wins over kv_cache_memory)
     enable_prefix_caching: bool = True
-    max_waiting_requests: int = 1024
+    max_waiting_requests: int = 1024      # accepted but not yet scheduled; one more → 429
     # execution
     tensor_parallel_size: int = 1
     num_threads: int | None = None        # compute threads per rank; None → cores // tp
@@ -93,8 +93,8 @@ class Config:
             raise ValueError("max_sessions must be >= 0 and session_ttl_s > 0")
         if self.session_kv_budget_blocks is not None and self.session_kv_budget_blocks < 0:
             raise ValueError("session_kv_budget_blocks must be >= 0")
-        if self.max_waiting_requests < 0:
-            raise ValueError("max_waiting_requests must be >= 0")
+        if self.max_waiting_requests < 1:   # every request waits until the next step: 0 would refuse all
+            raise ValueError("max_waiting_requests must be >= 1")
         if self.request_timeout is not None and not 0 < self.request_timeout < float("inf"):
             raise ValueError(f"--request-timeout must be a positive number of seconds, not {self.request_timeout!r}")
         if self.tp_comm not in ("auto", "shm", "gloo", "nccl"):

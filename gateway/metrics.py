@@ -8,8 +8,11 @@ with compat_vllm=True, a second time under `vllm:`; one call updates both.
 Side effects, in order:
   1. __init__ registers every family in the private registry (never the global one, so
      several instances can live in one process, e.g. in tests) and binds the label values.
-  2. on_step (engine thread, every step) sets the scheduler gauges, increments the
-     per-step counters and observes iteration tokens.
+  2. on_step (engine thread, every step, and between steps whenever adds, aborts or calls
+     changed the scheduler: those snapshots carry zero counts) sets the scheduler gauges,
+     increments the per-step counters and observes iteration tokens. So the gauges are fresh
+     within one engine-loop turn, also when no step runs (a disconnect storm leaves running 0).
+     num_requests_waiting counts what --max-waiting-requests limits: accepted, not yet scheduled.
   3. on_request_finished (API event loop, once per request) increments the token and
      success counters and observes the request histograms.
   4. render (any thread) serialises the registry.
@@ -42,7 +45,7 @@ PARAMS_N_BUCKETS = [1, 2, 5, 10, 20]
 
 GAUGES = {
     "num_requests_running": "Number of requests in model execution batches.",
-    "num_requests_waiting": "Number of requests waiting to be processed.",
+    "num_requests_waiting": "Number of requests waiting to be processed.",   # incl. preempted
     "kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
 }
 # prometheus_client appends `_total` to counter names, as vLLM's exposition shows.
@@ -52,6 +55,10 @@ COUNTERS = {
     "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
     "prompt_tokens": "Number of prefill tokens processed.",
     "generation_tokens": "Number of generation tokens processed.",
+}
+# Ours only, so not mirrored under vllm: (no vLLM dashboard knows them).
+GATEWAY_COUNTERS = {
+    "num_recomputed_tokens": "Tokens computed again because a preemption had dropped their KV.",
 }
 REQUEST_SUCCESS = "request_success"
 
@@ -134,7 +141,8 @@ class ServerMetrics:
         for short, doc in GAUGES.items():
             gauge = Gauge(prefix + short, doc, names, registry=reg)
             self._children.setdefault(short, []).append(gauge.labels(*labels))
-        for short, doc in COUNTERS.items():
+        own = GATEWAY_COUNTERS if prefix == PREFIX else {}
+        for short, doc in {**COUNTERS, **own}.items():
             counter = Counter(prefix + short, doc, names, registry=reg)
             self._children.setdefault(short, []).append(counter.labels(*labels))
         for short, (doc, buckets) in histogram_specs(max_model_len).items():
@@ -174,11 +182,12 @@ class ServerMetrics:
     # -- inputs -------------------------------------------------------------------------
 
     def on_step(self, stats: StepStats) -> None:
-        """Engine thread, once per step."""
+        """Engine thread, once per step and once per engine-loop turn that changed the scheduler."""
         self._set("num_requests_running", stats.num_running)
         self._set("num_requests_waiting", stats.num_waiting)
         self._set("kv_cache_usage_perc", stats.kv_cache_usage)
         self._inc("num_preemptions", stats.num_preemptions)
+        self._inc("num_recomputed_tokens", stats.num_recomputed_tokens)
         self._inc("prefix_cache_queries", stats.prefix_cache_queries)
         self._inc("prefix_cache_hits", stats.prefix_cache_hits)
         if stats.num_batched_tokens > 0:   # an idle step scheduled nothing: not an iteration

@@ -185,3 +185,17 @@ def test_two_instances_do_not_share_a_registry():
     ServerMetrics(MODEL).on_request_finished(record(0, "stop"))
     fresh = samples(ServerMetrics(MODEL))
     assert value(fresh, "gateway:request_success_total", finished_reason="stop") == 0
+
+
+def test_recomputed_tokens_count_under_gateway_only_and_snapshots_move_only_the_gauges():
+    metrics = ServerMetrics(MODEL, compat_vllm=True)
+    metrics.on_step(StepStats(num_running=4, num_waiting=2, kv_cache_usage=0.5, num_preemptions=1,
+                              num_recomputed_tokens=300, num_batched_tokens=304))
+    metrics.on_step(StepStats(num_running=0, num_waiting=1, kv_cache_usage=0.0))   # after a drain: no step ran
+    found = samples(metrics)
+    assert value(found, "gateway:num_recomputed_tokens_total") == 300
+    assert "vllm:num_recomputed_tokens_total" not in found   # not a vLLM family
+    assert value(found, "vllm:num_requests_running") == 0 and value(found, "gateway:num_requests_waiting") == 1
+    assert value(found, "gateway:kv_cache_usage_perc") == 0.0
+    assert value(found, "gateway:num_preemptions_total") == 1
+    assert value(found, "gateway:iteration_tokens_total_count") == 1   # a snapshot is no iteration

@@ -26,7 +26,9 @@ from gateway.sampling.params import SamplingParams
 from live_server import LiveServer, run, stream
 from test_api_app import FakeEngine, FakeMetrics, chat_body
 
-MAX_NUM_SEQS, MAX_WAITING, MAX_MODEL_LEN, BODY_LIMIT = 4, 4, 256, 16384
+# MAX_WAITING counts requests accepted but not yet scheduled: the poisoned-request test sends
+# six at once, which all wait for a moment.
+MAX_NUM_SEQS, MAX_WAITING, MAX_MODEL_LEN, BODY_LIMIT = 4, 8, 256, 16384
 POISON = 4242   # a prompt starting with this token id fails in the engine's post-processing
 TEMPLATE = ("{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('the template refuses BOOM') }}"
             "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -58,8 +60,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
 
 # ---- admission control --------------------------------------------------------------------
 
-def test_in_flight_beyond_max_num_seqs_plus_max_waiting_is_429_with_retry_after(live):
-    limit = MAX_NUM_SEQS + MAX_WAITING
+def test_waiting_beyond_max_waiting_requests_is_429_with_retry_after(live):
+    limit = MAX_WAITING   # the engine is paused: every accepted request waits, none runs
 
     async def main():
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:

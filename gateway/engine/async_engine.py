@@ -13,7 +13,10 @@ Order of side effects: from_config starts the engine thread, which loads the mod
 lets that thread run the loop, which runs a one-token warm-up before it reports ready → generate() posts
 requests and yields deltas → a consumer that stops early aborts its request → shutdown().
 call_in_engine(fn) runs fn(core) on the loop thread between steps (prefix pins use it), in
-inbox order with adds and aborts. With tensor parallelism the loop checks the workers'
+inbox order with adds and aborts. After every step and every drain of the inbox the loop
+publishes a StepStats snapshot: the metrics' gauges, /ready's kv_blocks_in_use and
+num_waiting() (accepted, not yet scheduled: what --max-waiting-requests limits) read it, so
+they are fresh also when no step runs. With tensor parallelism the loop checks the workers'
 health every iteration (a dead one wakes it at once) and stops them when it ends; a death
 takes the crash path: every request fails with EngineDeadError (api/server.py then exits)."""
 
@@ -60,6 +63,11 @@ class AsyncEngine:
         core.runner.death_listener = self._wakeup.set   # a dead tensor-parallel worker wakes an idle loop
         self._latest_stats = StepStats(num_total_blocks=core.runner.num_blocks,
                                        num_free_blocks=core.runner.num_blocks)
+        # Waiting = accepted but not yet scheduled: the scheduler's queue (as of the engine
+        # thread's latest look) plus adds still in the inbox. Each counter has one writer.
+        self._adds_posted = 0        # event loop
+        self._adds_taken = 0         # engine thread
+        self._scheduler_waiting = 0  # engine thread
 
     @classmethod
     def from_config(cls, config: Config, step_listener=None) -> "AsyncEngine":
@@ -109,27 +117,34 @@ class AsyncEngine:
         return self.core.worker_pids
 
     def num_kv_blocks_in_use(self) -> int:
-        s = self.core.scheduler
+        """From the engine thread's latest snapshot (after every step, drain and call): never
+        waits for a step, and tells what /metrics tells."""
+        s = self._latest_stats
         return s.num_total_blocks - s.num_free_blocks
+
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet scheduled (preempted ones included): what the
+        num_requests_waiting gauge shows and --max-waiting-requests limits."""
+        return self._scheduler_waiting + self._adds_posted - self._adds_taken
 
     # ---- the loop thread -----------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._warm_up()
+            self._publish(self._snapshot())
             self._ready = True
             while not self._stopping:
                 self.core.check_health()
-                self._drain_inbox()
+                if self._drain_inbox():   # adds and aborts move the gauges even with no step to run
+                    self._publish(self._snapshot())
                 if not self.core.has_work:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
                 outputs, stats = self.core.step()
-                self._latest_stats = stats
+                self._publish(stats)   # before the outputs: a client that saw its end sees the gauges after it
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
-                if self._step_listener is not None:
-                    self._step_listener(stats)
         except BaseException as exc:  # the loop must never die silently
             self._dead = exc   # first: is_alive turns false before the traceback is formatted
             log.error("engine loop crashed:\n%s", traceback.format_exc())
@@ -148,17 +163,32 @@ class AsyncEngine:
     def _any_token(self) -> int:
         return next(iter(self.core.eos_token_ids), 0)
 
-    def _drain_inbox(self) -> None:
+    def _snapshot(self) -> StepStats:
+        """The scheduler's state between steps (no per-step counts)."""
+        s = self.core.scheduler
+        return StepStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
+                         num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks)
+
+    def _publish(self, stats: StepStats) -> None:
+        """Engine thread: the snapshot /ready and num_waiting() read, and the metrics' input.
+        stats.num_waiting comes in as the scheduler's queue and goes out with the inbox added."""
+        self._scheduler_waiting = stats.num_waiting
+        stats.num_waiting = self.num_waiting()
+        self._latest_stats = stats
+        if self._step_listener is not None:
+            self._step_listener(stats)
+
+    def _drain_inbox(self) -> bool:
+        """Everything posted so far, in order; True when there was anything."""
+        took = False
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return took
+            took = True
             if kind == "add":
-                try:
-                    self.core.add_request(payload)
-                except Exception as exc:  # a poisoned request fails alone
-                    self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, exc)
+                self._take_add(payload)
             elif kind == "call":
                 self._run_call(*payload)
             else:
@@ -166,11 +196,22 @@ class AsyncEngine:
                 if output is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, [output])
 
+    def _take_add(self, request: EngineRequest) -> None:
+        try:
+            self.core.add_request(request)
+        except Exception as exc:  # a poisoned request fails alone
+            self._loop.call_soon_threadsafe(self._deliver_error, request.request_id, exc)
+        finally:
+            # In this order, num_waiting() counts the request twice for a moment, never zero times.
+            self._scheduler_waiting = self.core.scheduler.num_waiting
+            self._adds_taken += 1
+
     def _run_call(self, fn, future: asyncio.Future) -> None:
         try:
             result, error = fn(self.core), None
         except Exception as exc:   # the caller gets it; the loop goes on
             result, error = None, exc
+        self._publish(self._snapshot())   # a pin or unpin shows in /ready before the caller resumes
         self._loop.call_soon_threadsafe(self._resolve_call, future, result, error)
 
     # ---- event-loop side -----------------------------------------------------------------
@@ -211,14 +252,17 @@ class AsyncEngine:
     def _check_admission(self, request: EngineRequest) -> None:
         if self._dead is not None or (self._thread is not None and not self._thread.is_alive()):
             raise EngineDeadError("the engine is not running")
-        if len(self._queues) >= self.config.max_waiting_requests + self.config.max_num_seqs:
-            raise QueueFullError(f"too many requests in flight ({len(self._queues)}); retry later")
+        waiting = self.num_waiting()
+        if waiting >= self.config.max_waiting_requests:   # this one would make it one more
+            raise QueueFullError(f"{waiting} requests are waiting to be scheduled, the server's limit "
+                                 f"(--max-waiting-requests {self.config.max_waiting_requests}); retry later")
         check_context_length(self.max_model_len, len(request.prompt_token_ids), request.params.max_tokens)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self._check_admission(request)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = q
+        self._adds_posted += 1   # before the put: the engine thread must never take more than was posted
         self._inbox.put(("add", request))
         self._wakeup.set()
         finished = False

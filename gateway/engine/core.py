@@ -216,7 +216,8 @@ class EngineCore:
         s = self.scheduler
         return StepStats(
             num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
-            num_preemptions=plan.num_preemptions, prefix_cache_queries=plan.prefix_cache_queries,
+            num_preemptions=plan.num_preemptions, num_recomputed_tokens=plan.num_recomputed_tokens,
+            prefix_cache_queries=plan.prefix_cache_queries,
             prefix_cache_hits=plan.prefix_cache_hits, num_batched_tokens=plan.num_batched_tokens,
             num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks)
 

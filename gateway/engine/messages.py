@@ -37,11 +37,13 @@ class RequestOutput:
 
 @dataclass
 class StepStats:
-    """Attached by the engine core to every step, for /metrics."""
+    """Attached by the engine core to every step, for /metrics; AsyncEngine also publishes one
+    between steps (after adds, aborts, calls) with the per-step counts at 0."""
     num_running: int = 0
-    num_waiting: int = 0
+    num_waiting: int = 0              # accepted, not yet scheduled: the scheduler's queue + the inbox
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0          # in this step
+    num_recomputed_tokens: int = 0    # in this step: tokens a preemption had dropped, computed again
     prefix_cache_queries: int = 0     # tokens looked up in this step
     prefix_cache_hits: int = 0        # tokens found in this step
     num_batched_tokens: int = 0       # iteration tokens
