@@ -20,11 +20,9 @@ One step, in order:
                  runs, a sequence is admitted only if the pool left after its chunk still
                  holds the rest of its prompt plus the next admission_headroom_tokens
                  tokens of it and of every running sequence (each no further than its own
-                 end, prompt + max_tokens). Without that rule a pool under pressure
-                 thrashed: a long prompt's first chunk fit, its next one did not, it
-                 preempted itself, was readmitted at once into the room it had just freed,
-                 and recomputed that chunk every other step (without prefix caching 5-7x
-                 the tokens of the run, in a simulation of 64 blocks);
+                 end, prompt + max_tokens). Without it, a long prompt's first chunk fit,
+                 its next did not, it preempted itself and was readmitted into the room
+                 it had just freed, every other step (tests/test_kv_pressure.py);
               The output lists one-token rows (decodes) first, then the rest, each group
               in scheduling order, as the flat batch expects;
   (the model runs the batch; ScheduledSequence.samples says which rows sample a token)
@@ -45,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway.scheduler.block_pool import BlockPool
-from gateway.scheduler.kv_cache_manager import KVCacheManager
+from gateway.scheduler.kv_cache_manager import KVCacheManager, cdiv
 from gateway.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -262,7 +260,7 @@ class Scheduler:
             if seq.num_computed_tokens == 0:
                 computed_blocks, num_cached = self.kv_cache.get_computed_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, limit)
-            growth = self._growth_blocks(seq, self._cdiv_blocks(num_cached + num_new))
+            growth = self._growth_blocks(seq, cdiv(num_cached + num_new, self.block_size))
             if self.running and not self._leaves_headroom(seq, num_new, computed_blocks, reserve + growth):
                 break  # the pool is under pressure: keep the running ones running
             if not self.kv_cache.allocate_slots(seq, num_new, computed_blocks):
@@ -277,15 +275,12 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _cdiv_blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def _growth_blocks(self, seq: Sequence, num_held_blocks: int) -> int:
         """Blocks seq needs beyond num_held_blocks for the rest of its prompt and its next
         admission_headroom_tokens tokens, no further than its own end (prompt + max_tokens)."""
         end = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         target = max(seq.num_tokens, min(seq.num_tokens + self.admission_headroom_tokens, end))
-        return max(0, self._cdiv_blocks(target) - num_held_blocks)
+        return max(0, cdiv(target, self.block_size) - num_held_blocks)
 
     def _leaves_headroom(self, seq: Sequence, num_new: int, computed_blocks: list[int], reserve: int) -> bool:
         """Whether admitting seq's chunk still leaves `reserve` blocks free."""
