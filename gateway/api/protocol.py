@@ -1,8 +1,9 @@
 """OpenAI wire format: request bodies → typed requests, engine results → response objects.
 
 Parsing is pure (no engine calls, no I/O) and happens in two steps:
-1. `parse_chat` / `parse_completion` check every field's type and range and reject every field
-   we do not implement (400 naming it: nothing is accepted-and-ignored), returning a ChatRequest
+1. `parse_chat` / `parse_completion` check every field's type and range, bound every list's
+   length (MAX_* below; a 400 naming the field and the limit, before any per-item work) and
+   reject every field we do not implement (400 naming it: nothing is accepted-and-ignored), returning a ChatRequest
    / CompletionRequest that holds an already-validated SamplingParams template.
 2. `finalize_params`, called after tokenization, fixes max_tokens against the context window
    (400 giving both numbers when prompt + max_tokens does not fit) and the per-choice seed.
