@@ -56,3 +56,25 @@ def test_serve_with_device_cuda_fails_at_start_up(tiny_dir):
 def test_generate_with_gateway_device_cuda_fails_at_start_up(tiny_dir):
     done = run_cli(["generate", "hi", str(tiny_dir)], env_extra={"GATEWAY_DEVICE": "cuda"})
     assert done.returncode == 2 and NO_CUDA_MESSAGE in done.stderr and done.stdout == ""
+
+
+def test_a_runner_takes_the_placement_it_is_given_and_is_an_executor(tiny_dir, monkeypatch):
+    """Tensor-parallel workers get the driver's device and dtype (WorkerSpec.placement) and must
+    not resolve their own: a runner given a placement never calls the resolver, even where
+    its config asks for another dtype. It also offers everything the engine calls."""
+    from gateway.config import Config
+    from gateway.executor import placement
+    from gateway.executor.interface import Executor
+    from gateway.executor.model_runner import ModelRunner
+    from gateway.models.loader import load_hf_config, resolve_source
+
+    config = Config(model=str(tiny_dir), dtype="bfloat16", num_kv_blocks=8)
+    source = resolve_source(config.model, tiny_dir)
+    hf_config = load_hf_config(source)
+    assert placement.resolve_placement(config, hf_config) == placement.Placement(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(placement, "_resolve_device", lambda name: pytest.fail("resolved a second time"))
+    runner = ModelRunner(config, source, hf_config, set(), placement=placement.Placement(torch.device("cpu"), torch.float32))
+    assert runner.dtype == torch.float32 and {p.dtype for p in runner.model.parameters()} == {torch.float32}
+    assert isinstance(runner, Executor) and runner.worker_pids == [] and runner.death_listener is None
+    runner.check_health()
+    runner.shutdown()
