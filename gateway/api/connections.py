@@ -11,7 +11,7 @@ Owns:
   (1) closes a connection whose request head has not arrived within `header_timeout_s` of its
   opening (or of the first byte after a keep-alive pause): idle sockets and slowloris clients;
   uvicorn's own keep-alive timer only starts after a response and is cancelled by any byte;
-  (2) closes a connection whose head grows past `max_header_bytes` (431); (3) at the cap,
+  (2) answers 431 and closes when a request head exceeds `max_header_bytes`; (3) at the cap,
   closes the connection idle the longest (no request in progress) to admit the new one, so a
   flood of idle sockets cannot lock real clients out; only when every connection is busy is
   the new one answered 503. uvicorn's `limit_concurrency` is not used: it counts idle
@@ -115,7 +115,7 @@ def guarded_protocol(base: type, guard: ConnectionGuard) -> type:
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
-            self._head_bytes = 0
+            self._head_bytes, self._head_tail = 0, b""   # the request head read so far
             if not guard.admit(self, self.connections):
                 self.connections.discard(self)
                 transport.write(_BUSY_RESPONSE)
@@ -129,7 +129,7 @@ def guarded_protocol(base: type, guard: ConnectionGuard) -> type:
         def _went_idle(self) -> None:
             guard.idle[self] = None
             guard.idle.move_to_end(self)
-            self._head_bytes = 0
+            self._head_bytes, self._head_tail = 0, b""
             if self.timeout_keep_alive_task is None:   # fresh connection: nothing else limits it
                 self._arm_head_timer()
 
@@ -149,18 +149,27 @@ def guarded_protocol(base: type, guard: ConnectionGuard) -> type:
                 self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
-            waiting = not self._busy()
+            if not self._busy():
+                if self._head_too_large(data):
+                    self.transport.write(_TOO_LARGE_RESPONSE)
+                    self.transport.close()
+                    return
+                self._arm_head_timer()   # the first byte after a keep-alive pause starts the clock
             super().data_received(data)
             if self._busy():
                 guard.idle.pop(self, None)
                 self._disarm_head_timer()
-                self._head_bytes = 0
-            elif waiting and not self.transport.is_closing():
-                self._arm_head_timer()   # the first byte after a keep-alive pause starts the clock
-                self._head_bytes += len(data)
-                if self._head_bytes > guard.max_header_bytes:
-                    self.transport.write(_TOO_LARGE_RESPONSE)
-                    self.transport.close()
+                self._head_bytes, self._head_tail = 0, b""
+
+        def _head_too_large(self, data: bytes) -> bool:
+            """Counts the head up to its blank line, across reads; a whole head in one read
+            counts too (h11's own limit only sees heads still incomplete)."""
+            window = self._head_tail + data
+            end = window.find(b"\r\n\r\n")
+            size = self._head_bytes + (end + 4 - len(self._head_tail) if end >= 0 else len(data))
+            self._head_bytes += len(data)
+            self._head_tail = window[-3:]
+            return size > guard.max_header_bytes
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
