@@ -193,7 +193,7 @@ def test_a_poisoned_request_fails_alone_while_the_others_complete(live):
     assert good_status == 200 and good_frames[-1] == "[DONE]" and "error" not in good_frames[-2]
     assert sum(len(c["text"]) > 0 for f in good_frames[:-1] for c in f["choices"]) > 0
     error = error_of(bad, 500)
-    assert error["code"] == "engine_error" and "injected detokenizer failure" in error["message"]
+    assert error["code"] == "engine_error" and "injected detokenizer failure" not in error["message"]   # log only
     assert bad_status == 200 and bad_frames[-2]["error"]["code"] == "engine_error"
     assert "the template refuses BOOM" in error_of(boom, 400)["message"]
     assert isinstance(bias, RequestRejectedError) and bias.param == "logit_bias"

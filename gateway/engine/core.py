@@ -4,6 +4,11 @@ Construction order: user model module → model source → config + tokenizer �
 (weights, KV cache) → scheduler sized to the KV cache. Each `step()`: schedule → execute
 → scheduler.update → per sequence that got a token: detokenize, check stop conditions,
 finish (freeing blocks at once) → RequestOutput deltas + StepStats.
+Fault isolation: what one request causes fails that request alone (finish_reason "error",
+its blocks freed) and the loop goes on: a row the sampler reports as failed or an id outside
+the vocabulary (checked before scheduler.update, so it never reaches the next forward), and
+an exception in its own post-processing. Only a fault outside any one request (the forward
+pass, the scheduler) stops the loop.
 The runner comes from executor.create_executor: the ModelRunner itself at tp=1, a
 TensorParallelExecutor (rank 0 here, workers spawned) above; shutdown() stops its workers.
 Prefix pins (chat sessions holding their KV between turns): pin_prefix / unpin_prefix run
@@ -24,7 +29,7 @@ from gateway.engine.detokenizer import IncrementalDetokenizer
 from gateway.engine.errors import RequestRejectedError, check_context_length
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
 from gateway.executor.executor import create_executor
-from gateway.executor.interface import Executor
+from gateway.executor.interface import Executor, StepResult
 from gateway.models import registry
 from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
 from gateway.scheduler.prefix_pins import PrefixPins
@@ -32,6 +37,10 @@ from gateway.scheduler.scheduler import Scheduler
 from gateway.scheduler.sequence import Sequence
 
 log = logging.getLogger("gateway.engine")
+
+# What a client reads when its request alone failed (details go to the server log).
+POSTPROCESS_FAILED = "this request failed while its output was being processed; the server log has the details"
+INVALID_TOKEN = "the sampler produced no valid token for this request"
 
 
 @dataclass
@@ -155,28 +164,52 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         if plan.scheduled:
             result = self.runner.execute(plan.scheduled)
+            failed = self._fail_bad_samples(plan.scheduled, result)
             self.scheduler.update(plan, result.token_ids)
             for i, entry in enumerate(plan.scheduled):
                 token = result.token_ids[i]
-                if token is None:
-                    continue
-                logprob = result.logprobs[i] if result.logprobs is not None else None
-                outputs.append(self._advance_or_fail(entry.seq, token, logprob))
+                if i in failed:
+                    outputs.append(failed[i])
+                elif token is not None:
+                    logprob = result.logprobs[i] if result.logprobs is not None else None
+                    outputs.append(self._advance_or_fail(entry.seq, token, logprob))
         return outputs, self._stats(plan)
+
+    def _fail_bad_samples(self, scheduled, result: StepResult) -> dict[int, RequestOutput]:
+        """The boundary before scheduler.update: a row the sampler reported as failed, or whose
+        token id the model could not embed, fails its own request (finished before the update,
+        so the id never reaches the next forward pass) and the other rows go on."""
+        vocab, failed = self.runner.arch.vocab_size, {}
+        for i, token in enumerate(result.token_ids):
+            if token is None:
+                continue
+            why = result.errors.get(i)
+            if why is None and not (isinstance(token, int) and 0 <= token < vocab):
+                log.error("request %s: the sampler returned token id %r, outside [0, %d); that request "
+                          "alone is failed", scheduled[i].seq.request_id, token, vocab)
+                why = INVALID_TOKEN
+            if why is not None:
+                failed[i] = self._fail(scheduled[i].seq, why)
+        return failed
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """End one request with finish_reason "error" and a client-facing message; its blocks
+        are freed now."""
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "error")   # idempotent
+        return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error", error=message,
+                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
 
     def _advance_or_fail(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         """A failure in one request's own post-processing (detokenizer, stop checks) fails that
-        request alone: its blocks are freed and it ends with finish_reason "error". Failures in
-        the batched forward pass cannot be attributed to a request and still stop the loop."""
+        request alone: its blocks are freed and it ends with finish_reason "error" (the exception
+        goes to the log, not to the client). Failures in the batched forward pass cannot be
+        attributed to a request and still stop the loop."""
         try:
             return self._advance(seq, token, logprob)
-        except Exception as exc:
+        except Exception:
             log.exception("request %s failed after a step; the other requests continue", seq.request_id)
-            self.requests.pop(seq.request_id, None)
-            self.scheduler.finish(seq, "error")   # idempotent
-            return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
-                                 error=f"{type(exc).__name__}: {exc}", num_prompt_tokens=seq.num_prompt_tokens,
-                                 num_output_tokens=seq.num_output_tokens)
+            return self._fail(seq, POSTPROCESS_FAILED)
 
     def _advance(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         tracked = self.requests[seq.request_id]

@@ -1,9 +1,24 @@
 """SamplingParams: what one request asks of generation. Validated on construction so
-that every layer above (HTTP, Python API) gets the same errors for the same mistakes."""
+that every layer above (HTTP, Python API) gets the same errors for the same mistakes.
+
+Every float has a finite range, chosen where a value outside it has no sane meaning and would
+overflow float32 in the sampler (1e39 is inf there; 1e-46 is 0): temperature [0, 100] (beyond
+~10 the draw is already near-uniform), repetition_penalty [0.01, 100] (a factor of 100 either
+way leaves logits far from overflow), presence/frequency penalties [-2, 2] and logit_bias
+values [-100, 100] (OpenAI's ranges). The sampler still guards against non-finite logits."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
+def _within(value, low: float, high: float) -> bool:
+    """low <= value <= high for a finite number (NaN and ±inf fail)."""
+    return math.isfinite(value) and low <= value <= high
 
 
 @dataclass
@@ -32,15 +47,16 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (_within(self.temperature, 0, MAX_TEMPERATURE), "temperature", f"must be in [0, {MAX_TEMPERATURE:g}]"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (_within(self.presence_penalty, -2, 2), "presence_penalty", "must be in [-2, 2]"),
+            (_within(self.frequency_penalty, -2, 2), "frequency_penalty", "must be in [-2, 2]"),
+            (_within(self.repetition_penalty, *REPETITION_PENALTY_RANGE), "repetition_penalty",
+             "must be in [{:g}, {:g}]".format(*REPETITION_PENALTY_RANGE)),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
-            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
+            (all(_within(v, -100, 100) for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
         ]
         for ok, name, message in checks:

@@ -1,14 +1,11 @@
 """Sampler: one step's logits [B, V] → one token per row, plus logprobs where asked.
 
-Owns two things:
-  * SamplingBatch — the rows' SamplingParams gathered into tensors once per step (the
-    only Python loop over sequences). A feature no row uses is left as None, and the
-    sampler skips that stage entirely.
-  * Sampler — vectorized over the batch, never mutating the caller's logits. In order:
-      logit_bias → min_tokens mask → repetition penalty → presence/frequency penalty
-      → logprobs taken → greedy rows: argmax
-      → temperature → top-k / top-p (one threshold per row) → min-p → draw
-    then exactly ONE device-to-host copy of everything the host needs.
+Vectorized over the batch (the rows' parameters arrive gathered in a SamplingBatch, see
+batch.py), never mutating the caller's logits. In order:
+    logit_bias → min_tokens mask → repetition penalty → presence/frequency penalty
+    → logprobs taken → greedy rows: argmax
+    → temperature → top-k / top-p (one threshold per row) → min-p → draw
+then exactly ONE device-to-host copy of everything the host needs.
 
 Logprobs are log_softmax of the logits after bias, penalties and the min_tokens mask,
 before temperature and truncation: the model's distribution as the request shaped it,
@@ -20,162 +17,46 @@ argmax(p / q) with q ~ Exp(1); on CPU, where V random numbers per row are the do
 cost, one uniform per row against the running sum. Either way a seeded row's randomness
 comes from a generator seeded by (seed, output position) alone, so it gives the same
 tokens whatever shares its batch, and again after preemption and recompute.
+
+No row can hurt another (guards.py has the numerics): the fast path checks each row's pick
+for O(B) (the chosen logit finite on greedy rows; the chosen token's probability > 0 and the
+id inside [0, V) on sampled rows, which a NaN, +inf or all -inf row cannot pass because its
+softmax is all NaN). Only the rows that fail are sampled again, alone, in safe mode (NaN →
+-inf, +inf → the largest float, after every stage), and a row left without a finite
+candidate takes the argmax of its processed logits, else of the raw model logits. If the
+batched call raises, every row is sampled alone, and a row that raises by itself is
+reported in SamplerOutput.failed; the others keep their tokens.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from itertools import chain
 
 import torch
 
+from gateway.sampling.batch import GREEDY_EPS, SamplingBatch   # noqa: F401  (re-exported)
+from gateway.sampling.guards import drawn_ok, fallback_tokens, greedy_ok, sanitize_
 from gateway.sampling.logprobs import TokenLogprob
-from gateway.scheduler.sequence import Sequence
 
-# Below this a temperature is greedy: dividing logits by it overflows float32.
-GREEDY_EPS = 1e-5
+log = logging.getLogger("gateway.sampling")
+
 # On CPU, top-p is first resolved among the top-`_CANDIDATES` logits (see _cpu_thresholds).
 _CANDIDATES = 256
-_U64 = (1 << 64) - 1
+SAMPLING_FAILED = "sampling failed for this request"
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]   # per row; None where the row did not ask
+    failed: dict[int, str] = field(default_factory=dict)   # row → client-facing reason; its token is void
 
 
-@dataclass
-class _Columns:
-    """Per-row values filled by the one Python loop over the batch."""
-    greedy: list[bool] = field(default_factory=list)
-    temperature: list[float] = field(default_factory=list)
-    top_k: list[int] = field(default_factory=list)
-    top_p: list[float] = field(default_factory=list)
-    min_p: list[float] = field(default_factory=list)
-    presence: list[float] = field(default_factory=list)
-    frequency: list[float] = field(default_factory=list)
-    repetition: list[float] = field(default_factory=list)
-    bias: list[tuple[int, int, float]] = field(default_factory=list)   # (row, token, value)
-    banned: list[tuple[int, int]] = field(default_factory=list)        # (row, token)
-    counted: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, output ids)
-    seen: list[tuple[int, list[int]]] = field(default_factory=list)     # (row, prompt+output ids)
-    seeds: list[tuple[int, int]] = field(default_factory=list)          # (row, generator seed)
-    logprobs: list[int | None] = field(default_factory=list)
-
-    def add(self, row: int, seq: Sequence, vocab_size: int, eos: set[int]) -> None:
-        p = seq.params
-        greedy = p.temperature < GREEDY_EPS
-        self.greedy.append(greedy)
-        self.temperature.append(1.0 if greedy else p.temperature)
-        self.top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
-        self.top_p.append(p.top_p)
-        self.min_p.append(p.min_p)
-        self.presence.append(p.presence_penalty)
-        self.frequency.append(p.frequency_penalty)
-        self.repetition.append(p.repetition_penalty)
-        self.logprobs.append(p.logprobs)
-        # Out-of-range ids are dropped rather than crash the whole step; the API validates.
-        self.bias += [(row, int(t), float(v)) for t, v in p.logit_bias.items() if 0 <= int(t) < vocab_size]
-        if seq.num_output_tokens < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
-            self.banned += [(row, t) for t in stops if 0 <= t < vocab_size]
-        if p.presence_penalty or p.frequency_penalty:
-            self.counted.append((row, seq.output_token_ids))
-        if p.repetition_penalty != 1.0:
-            self.seen.append((row, seq.token_ids))
-        if p.seed is not None and not greedy:
-            # hash of a tuple of ints is stable across processes (no PYTHONHASHSEED salt).
-            self.seeds.append((row, hash((p.seed, seq.num_output_tokens)) & _U64))
-
-
-def _column(values: list, neutral, dtype, device) -> torch.Tensor | None:
-    """[B, 1] tensor of `values`, or None when every row holds the neutral value."""
-    if all(v == neutral for v in values):
-        return None
-    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
-
-
-def _sparse(entries: list[tuple], device) -> tuple[torch.Tensor, ...] | None:
-    """(rows, tokens[, values]) tensors from (row, token[, value]) entries; None if empty."""
-    if not entries:
-        return None
-    dtypes = (torch.long, torch.long, torch.float32)
-    return tuple(torch.tensor(col, dtype=dt, device=device) for col, dt in zip(zip(*entries), dtypes))
-
-
-def _token_counts(rows_tokens: list[tuple[int, list[int]]], shape, device) -> torch.Tensor:
-    """[B, V] float32: how often each token occurs in each listed row (others stay zero)."""
-    counts = torch.zeros(shape, dtype=torch.float32, device=device)
-    tokens = torch.tensor(list(chain.from_iterable(t for _, t in rows_tokens)), dtype=torch.long)
-    lengths = torch.tensor([len(t) for _, t in rows_tokens])
-    rows = torch.repeat_interleave(torch.tensor([r for r, _ in rows_tokens]), lengths)
-    flat = (rows * shape[1] + tokens).to(device)
-    counts.view(-1).scatter_add_(0, flat, torch.ones(flat.shape, device=device))
-    return counts
-
-
-@dataclass
-class SamplingBatch:
-    num_rows: int
-    vocab_size: int
-    greedy: torch.Tensor                  # [B] bool
-    all_greedy: bool
-    any_greedy: bool
-    temperature: torch.Tensor | None      # [B, 1]; 1.0 on greedy rows
-    top_k: torch.Tensor | None            # [B, 1] long; vocab_size where disabled
-    max_top_k: int                        # largest enabled top_k, 0 when none
-    top_p: torch.Tensor | None            # [B, 1]
-    min_p: torch.Tensor | None            # [B, 1]
-    presence: torch.Tensor | None         # [B, 1]
-    frequency: torch.Tensor | None        # [B, 1]
-    counts: torch.Tensor | None           # [B, V] output-token counts (presence/frequency rows)
-    repetition: torch.Tensor | None       # [B, 1]
-    seen: torch.Tensor | None             # [B, V] bool, prompt+output (repetition rows)
-    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # rows, tokens, values
-    banned: tuple[torch.Tensor, torch.Tensor] | None                # rows, tokens → -inf
-    seeds: list[tuple[int, int]]
-    logprobs: list[int | None]            # per row: k alternatives, or None
-    logprob_rows: list[int]               # rows that asked, in order
-    logprob_index: torch.Tensor | None    # the same, on the device
-
-    @property
-    def mutates_logits(self) -> bool:
-        return any(x is not None for x in (self.bias, self.banned, self.repetition, self.presence, self.frequency))
-
-    @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: set[int], device) -> SamplingBatch:
-        cols = _Columns()
-        for row, seq in enumerate(seqs):
-            cols.add(row, seq, vocab_size, eos_token_ids)
-        shape, f32 = (len(seqs), vocab_size), torch.float32
-        repetition = _column(cols.repetition, 1.0, f32, device)
-        counts = _token_counts(cols.counted, shape, device) if cols.counted else None
-        asked = [r for r, k in enumerate(cols.logprobs) if k is not None]
-        return cls(
-            num_rows=len(seqs), vocab_size=vocab_size,
-            greedy=torch.tensor(cols.greedy, dtype=torch.bool, device=device),
-            all_greedy=all(cols.greedy), any_greedy=any(cols.greedy),
-            temperature=_column(cols.temperature, 1.0, f32, device),
-            top_k=_column(cols.top_k, vocab_size, torch.long, device),
-            max_top_k=max((k for k in cols.top_k if k < vocab_size), default=0),
-            top_p=_column(cols.top_p, 1.0, f32, device),
-            min_p=_column(cols.min_p, 0.0, f32, device),
-            presence=_column(cols.presence, 0.0, f32, device),
-            frequency=_column(cols.frequency, 0.0, f32, device),
-            counts=counts,
-            repetition=repetition,
-            seen=_token_counts(cols.seen, shape, device) > 0 if repetition is not None else None,
-            bias=_sparse(cols.bias, device), banned=_sparse(cols.banned, device),
-            seeds=cols.seeds, logprobs=cols.logprobs,
-            logprob_rows=asked,
-            logprob_index=torch.tensor(asked, dtype=torch.long, device=device) if asked else None,
-        )
-
-
-def _process(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """bias → min_tokens → penalties, on a float32 copy (the caller's tensor is left alone)."""
-    if not b.mutates_logits:
+def _process(logits: torch.Tensor, b: SamplingBatch, safe: bool = False) -> torch.Tensor:
+    """bias → min_tokens → penalties, on a float32 copy (the caller's tensor is left alone);
+    `safe` also makes the result finite-or--inf (guards.sanitize_)."""
+    if not b.mutates_logits and not safe:
         return logits.to(torch.float32)
     logits = logits.to(torch.float32, copy=True)
     if b.bias is not None:
@@ -190,7 +71,7 @@ def _process(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         logits -= b.presence * (b.counts > 0)
     if b.frequency is not None:
         logits -= b.frequency * b.counts
-    return logits
+    return sanitize_(logits) if safe else logits
 
 
 def _nucleus_size(desc_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -272,8 +153,8 @@ def _uniforms(b: SamplingBatch, shape: tuple[int, int], like: torch.Tensor, dtyp
 def _race(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Exponential race, argmax(p / q) with q = -log(U) ~ Exp(1): no sync, fully parallel,
     the accelerator default. -log(U) is ~5x cheaper than exponential_() on CPU, and with U
-    in [0, 1) q is never 0, so p / q has no 0/0."""
-    return probs.div_(_uniforms(b, probs.shape, probs, probs.dtype).log_().neg_()).argmax(-1)
+    in [0, 1) q is never 0, so p / q has no 0/0. Out of place: the guards read `probs`."""
+    return (probs / _uniforms(b, probs.shape, probs, probs.dtype).log_().neg_()).argmax(-1)
 
 
 def _inverse_cdf(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -288,10 +169,13 @@ def _inverse_cdf(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
-def _draw(logits: torch.Tensor, b: SamplingBatch, draw: str) -> torch.Tensor:
-    """temperature → top-k/top-p → min-p → one token per row from what is left."""
+def _draw(logits: torch.Tensor, b: SamplingBatch, draw: str, safe: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """temperature → top-k/top-p → min-p → one token per row from what is left, and the
+    [B, V] probabilities it was drawn from (for the guards)."""
     if b.temperature is not None:
         logits = logits / b.temperature
+        if safe:   # a tiny temperature can overflow a large logit to inf
+            sanitize_(logits)
     if b.top_k is not None or b.top_p is not None:
         logits = _truncate(logits, b)
     probs = logits.softmax(-1)
@@ -299,28 +183,48 @@ def _draw(logits: torch.Tensor, b: SamplingBatch, draw: str) -> torch.Tensor:
         probs.masked_fill_(probs < b.min_p * probs.amax(-1, keepdim=True), 0.0)
     if draw == "auto":
         draw = "inverse_cdf" if probs.device.type == "cpu" else "race"
-    return _race(probs, b) if draw == "race" else _inverse_cdf(probs, b)
+    return (_race(probs, b) if draw == "race" else _inverse_cdf(probs, b)), probs
 
 
-def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor | None, b: SamplingBatch) -> SamplerOutput:
-    """One device-to-host copy: token ids, then for the asking rows the sampled token's
-    logprob, the top-k ids and the top-k logprobs, flattened (float64 holds ids exactly)."""
+def _pick(logits: torch.Tensor, b: SamplingBatch, draw: str, safe: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the processed logits, and [B] bool: whether each pick passed
+    its guard (guards.greedy_ok / drawn_ok)."""
+    if b.all_greedy:
+        tokens = logits.argmax(-1)
+        return tokens, greedy_ok(logits, tokens)
+    tokens, probs = _draw(logits, b, draw, safe)
+    ok = drawn_ok(probs, tokens)
+    if b.any_greedy:
+        argmax = logits.argmax(-1)
+        tokens = torch.where(b.greedy, argmax, tokens)
+        ok = torch.where(b.greedy, greedy_ok(logits, argmax), ok)
+    return tokens, ok
+
+
+def _to_host(tokens: torch.Tensor, ok: torch.Tensor, logprobs: torch.Tensor | None,
+             b: SamplingBatch) -> tuple[SamplerOutput, list[int]]:
+    """One device-to-host copy: token ids, the guard flags, then for the asking rows the
+    sampled token's logprob, the top-k ids and the top-k logprobs, flattened (float64 holds
+    ids exactly). Also returns the rows whose pick failed its guard."""
     B, R, f64 = b.num_rows, len(b.logprob_rows), torch.float64
     k = max((b.logprobs[r] for r in b.logprob_rows), default=0)
-    parts = [tokens.to(f64)]
+    parts = [tokens.to(f64), ok.to(f64)]
     if logprobs is not None:
-        parts.append(logprobs.gather(1, tokens[b.logprob_index].unsqueeze(1)).to(f64).flatten())
+        asked = tokens[b.logprob_index].clamp(0, b.vocab_size - 1)   # a failed pick may be out of range
+        parts.append(logprobs.gather(1, asked.unsqueeze(1)).to(f64).flatten())
         if k:
             top = logprobs.topk(k, dim=-1)
             parts += [top.indices.to(f64).flatten(), top.values.to(f64).flatten()]
     flat = torch.cat(parts).tolist()
     ids = [int(x) for x in flat[:B]]
+    bad = [row for row in range(b.num_rows) if not (flat[B + row] and 0 <= ids[row] < b.vocab_size)]
+    flat = flat[:B] + flat[2 * B:]
     out: list[TokenLogprob | None] = [None] * B
     top_ids, top_vals = flat[B + R: B + R + R * k], flat[B + R + R * k:]
     for i, row in enumerate(b.logprob_rows):
         alts = [(int(top_ids[i * k + j]), top_vals[i * k + j]) for j in range(b.logprobs[row])]
         out[row] = TokenLogprob(token_id=ids[row], logprob=flat[B + i], top=alts)
-    return SamplerOutput(token_ids=ids, logprobs=out)
+    return SamplerOutput(token_ids=ids, logprobs=out), bad
 
 
 class Sampler:
@@ -334,14 +238,46 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.shape == (batch.num_rows, batch.vocab_size), (tuple(logits.shape), batch.num_rows)
-        logits = _process(logits, batch)
+        try:
+            out, bad = self._sample(logits, batch, safe=False)
+        except Exception:   # a bug that some row's parameters trigger: find that row alone
+            log.exception("the batched sampler raised; sampling each of its %d rows alone", batch.num_rows)
+            out = SamplerOutput([0] * batch.num_rows, [None] * batch.num_rows)
+            bad = list(range(batch.num_rows))
+        if bad:
+            self._repair(logits, batch, out, bad)
+        out.failed.update(batch.failed)
+        return out
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch, safe: bool) -> tuple[SamplerOutput, list[int]]:
+        raw = logits
+        logits = _process(logits, batch, safe)
         logprobs = None
         if batch.logprob_index is not None:
             logprobs = torch.log_softmax(logits[batch.logprob_index], dim=-1)
-        if batch.all_greedy:
-            tokens = logits.argmax(-1)
-        else:
-            tokens = _draw(logits, batch, self.draw)
-            if batch.any_greedy:
-                tokens = torch.where(batch.greedy, logits.argmax(-1), tokens)
-        return _to_host(tokens, logprobs, batch)
+        tokens, ok = _pick(logits, batch, self.draw, safe)
+        if safe:   # the last resort, always a valid id
+            tokens = torch.where(ok, tokens, fallback_tokens(logits, raw))
+            ok = torch.ones_like(ok)
+        return _to_host(tokens, ok, logprobs, batch)
+
+    def _repair(self, logits: torch.Tensor, batch: SamplingBatch, out: SamplerOutput, rows: list[int]) -> None:
+        """Sample `rows` again in safe mode, together; if that raises, each alone, and a row
+        that still raises is failed (with the raw argmax as a placeholder, so the id is valid)."""
+        log.warning("sampling: %d row(s) of %d failed their guard or raised; sampled again in safe mode",
+                    len(rows), batch.num_rows)
+        groups = [rows]
+        while groups:
+            group = groups.pop()
+            index = torch.tensor(group, device=logits.device)
+            try:
+                fixed, _ = self._sample(logits[index], batch.select(group), safe=True)
+            except Exception:
+                if len(group) > 1:
+                    groups += [[row] for row in group]
+                    continue
+                log.exception("sampling row %d raised by itself; that request alone is failed", group[0])
+                fixed = SamplerOutput(fallback_tokens(logits[index].float(), logits[index]).tolist(), [None])
+                out.failed[group[0]] = SAMPLING_FAILED
+            for i, row in enumerate(group):
+                out.token_ids[row], out.logprobs[row] = fixed.token_ids[i], fixed.logprobs[i]
