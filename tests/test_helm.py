@@ -253,6 +253,8 @@ BAD_VALUES = {
     "negative-replicas": ({"replicaCount": -1}, "/replicaCount"),
     "gpu-enabled-not-bool": ({"gpu": {"enabled": "yes"}}, "/gpu/enabled"),
     "extra-args-not-strings": ({"engine": {"extraArgs": ["--seed", 3]}}, "/engine/extraArgs/1"),
+    "negative-pre-stop-sleep": ({"shutdown": {"preStopSleepSeconds": -1}}, "/shutdown/preStopSleepSeconds"),
+    "unknown-shutdown-key": ({"shutdown": {"graceSeconds": 20}}, "graceSeconds"),
 }
 
 
@@ -279,6 +281,7 @@ INCONSISTENT_VALUES = {
                            "autoscaling.hpa.maxReplicas=2"], "minReplicas"),
     "hpa-cpu-without-cpu-request": (["autoscaling.hpa.enabled=true", "resources.requests.cpu=null"],
                                     "resources.requests.cpu"),
+    "drain-longer-than-the-kill": (["terminationGracePeriodSeconds=6"], "terminationGracePeriodSeconds must be"),
 }
 
 
@@ -341,6 +344,38 @@ def test_container_args_are_accepted_by_gateway_cli(helm, case):
         assert config.model == expected
         mounts = {m["name"]: m for m in c["volumeMounts"]}
         assert mounts["model"]["mountPath"] == model["mountPath"] and mounts["model"]["readOnly"] is True
+
+
+SHUTDOWN_CASES = {name: (files, ()) for name, files in CASES.items()} | {
+    "long-grace": ((), ("terminationGracePeriodSeconds=120", "shutdown.preStopSleepSeconds=10")),
+    "no-pre-stop": ((), ("shutdown.preStopSleepSeconds=0", "shutdown.marginSeconds=2")),
+}
+
+
+@pytest.mark.parametrize("case", SHUTDOWN_CASES)
+def test_drain_grace_and_pre_stop_sleep_fit_in_the_termination_grace_period(helm, case):
+    """preStop sleep + --shutdown-grace + margin == terminationGracePeriodSeconds, as the server parses it."""
+    files, sets = SHUTDOWN_CASES[case]
+    pod = one(render(files, sets), "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    config = config_from_args(build_parser().parse_args(c["args"]), {"GATEWAY_API_KEY": "k"})
+    values = chart_values(files)
+    for item in sets:
+        key, _, raw = item.partition("=")
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw)
+    sleep = values["shutdown"]["preStopSleepSeconds"]
+    if sleep:
+        assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(sleep)]
+    else:
+        assert "lifecycle" not in c
+    total = pod["terminationGracePeriodSeconds"]
+    assert total == values["terminationGracePeriodSeconds"]
+    assert sleep + config.shutdown_grace_s + values["shutdown"]["marginSeconds"] == total
+    assert 0 < config.shutdown_grace_s < total
 
 
 def test_all_features_args_carry_every_engine_flag(helm):

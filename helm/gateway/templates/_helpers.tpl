@@ -150,6 +150,8 @@ tests/test_helm.py feeds exactly this list to gateway.cli.build_parser().
 {{- end }}
 - --log-level
 - {{ $s.logLevel | quote }}
+- --shutdown-grace
+- {{ include "gateway.shutdownGrace" . | quote }}
 {{- with $s.metricsCompat }}
 - --metrics-compat
 - {{ . | quote }}
@@ -160,6 +162,14 @@ tests/test_helm.py feeds exactly this list to gateway.cli.build_parser().
 {{- range $e.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+Seconds of --shutdown-grace: what terminationGracePeriodSeconds leaves after the preStop sleep and the margin.
+*/}}
+{{- define "gateway.shutdownGrace" -}}
+{{- $d := .Values.shutdown }}
+{{- sub (int .Values.terminationGracePeriodSeconds) (add (int $d.preStopSleepSeconds) (int $d.marginSeconds)) }}
 {{- end }}
 
 {{/*
@@ -214,6 +224,9 @@ Checks across values that the JSON schema cannot express; rendered (as nothing) 
 {{- end }}
 {{- if and $hpa.enabled (not (kindIs "invalid" $hpa.targetCPUUtilizationPercentage)) (not (dig "requests" "cpu" "" .Values.resources)) }}
 {{- fail "autoscaling.hpa.targetCPUUtilizationPercentage needs resources.requests.cpu" }}
+{{- end }}
+{{- if lt (int (include "gateway.shutdownGrace" .)) 0 }}
+{{- fail "terminationGracePeriodSeconds must be at least shutdown.preStopSleepSeconds + shutdown.marginSeconds (the drain would get no time)" }}
 {{- end }}
 {{- $keda := .Values.autoscaling.keda }}
 {{- if and $keda.enabled (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
