@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_process import ServerProcess  # noqa: E402
 
 SETTLE_S = 1.0   # after the burst of connects, before the held-sockets phase is timed
+SLOW_MS = 50     # requests slower than this are listed with their time since the sockets opened
 
 
 def get_models(host: str, port: int) -> bool:
@@ -132,13 +133,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed_until(host: str, port: int, deadline: float) -> tuple[list[float], int]:
-    latencies, failures = [], 0
-    while time.perf_counter() < deadline:
+def timed_until(host: str, port: int, deadline: float, t0: float) -> tuple[list[float], int, list[str]]:
+    """Requests back to back until deadline; also 'ms at +s' for each one over SLOW_MS."""
+    latencies, failures, slow = [], 0, []
+    while (start := time.perf_counter()) < deadline:
         more, failed = timed_requests(host, port, 1)
         latencies += more
         failures += failed
-    return latencies, failures
+        if more[0] > SLOW_MS:
+            slow.append(f"{more[0]:.0f} ms at +{start - t0:.2f} s")
+    return latencies, failures, slow
 
 
 def run(args: argparse.Namespace, url: str, header_timeout: float) -> bool:
@@ -156,11 +160,12 @@ def run(args: argparse.Namespace, url: str, header_timeout: float) -> bool:
           f"right behind them in the accept queue: {burst[0]:.1f} ms (not judged: a connection burst)", flush=True)
     time.sleep(SETTLE_S)
     # From the settled state through the moment the header timeout closes them all at once.
-    held, failed = timed_until(host, port, max(t0 + header_timeout + 2, time.perf_counter() + 2))
+    held, failed, slow_ones = timed_until(host, port, max(t0 + header_timeout + 2, time.perf_counter() + 2), t0)
     failures += failed
     delay = max(held) - statistics.median(base)
     print(f"held, then closed by the server, {len(held)} requests: {summary(held)}; delay {delay:.1f} ms "
-          f"(worst minus baseline median); failed {failures}", flush=True)
+          f"(worst minus baseline median); failed {failures}; over {SLOW_MS} ms: {slow_ones or 'none'}",
+          flush=True)
     time.sleep(max(0.0, header_timeout + 3 - (time.perf_counter() - t0)))
     closed_idle, closed_slow = count_closed(idle), count_closed(slow.socks)
     slow.stop.set()

@@ -3,7 +3,8 @@
 Order of side effects: configure logging and the GIL switch interval → raise the open-file
 limit to its hard limit → load the model (AsyncEngine.from_config, blocking; its step listener
 forwards to the metrics created right after, because the metrics are labelled with the served
-model name the engine derives) → create ServerMetrics → build the app → run uvicorn (one
+model name the engine derives) → create ServerMetrics → build the app → freeze what the load
+left for the garbage collector (gc.freeze: a full collection took 200-260 ms) → run uvicorn (one
 worker, asyncio loop, httptools when installed else h11, access log off, the connection rules
 of api/connections.py). uvicorn's lifespan starts the engine loop inside its event loop; after
 the socket is bound we log the URL and the served model name. Returns the process exit code.
@@ -27,6 +28,7 @@ never recovers, and staying up would only turn traffic away until a liveness pro
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import resource
@@ -176,6 +178,11 @@ def serve(config: Config) -> int:
                             max_model_len=engine.max_model_len)
     forwarder.target = metrics
     server = build_server(config, engine, metrics)
+    # The model, torch and transformers leave ~300k objects that a full collection walks: 200-260 ms
+    # with every request and stream stopped (measured with the default model). Frozen, they are
+    # never scanned again; collections then see only what serving allocates.
+    gc.collect()
+    gc.freeze()
     try:
         server.run()
     except SystemExit as exc:   # uvicorn exits this way when it cannot bind the port
