@@ -95,10 +95,13 @@ async def _stream(client: httpx.AsyncClient, seen: list, i: int) -> dict:
 
 
 async def _drain_scenario(server: Server, probe: bool):
-    """16 streams; SIGTERM once every stream has a chunk; optional probes during the drain."""
+    """16 streams and one non-streamed request; SIGTERM once every stream has a chunk;
+    optional probes during the drain."""
     seen = [0] * STREAMS
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(120)) as client:
         tasks = [asyncio.create_task(_stream(client, seen, i)) for i in range(STREAMS)]
+        whole = asyncio.create_task(client.post("/v1/completions", json={
+            "prompt": "whole", "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}))
         while min(seen) < 1 and not any(t.done() for t in tasks):
             await asyncio.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
@@ -112,6 +115,7 @@ async def _drain_scenario(server: Server, probe: bool):
             probes = {"ready": ready, "health": health, "late": late,
                       "streams_running": sum(not t.done() for t in tasks)}
         results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        probes = {**(probes or {}), "whole": await asyncio.wait_for(whole, 300)}
     return sigterm_at, results, probes
 
 
@@ -133,6 +137,8 @@ def test_sigterm_lets_16_streams_finish_then_exits_0(server_factory):
     late = probes["late"]
     assert late.status_code == 503 and late.headers.get("retry-after") == "1", late.text
     assert late.json()["error"]["code"] == "server_shutting_down"
+    whole = probes["whole"]
+    assert whole.status_code == 200 and whole.json()["choices"][0]["finish_reason"] == "length"
 
     for result in results:
         frames = result["frames"]
@@ -148,8 +154,11 @@ def test_sigterm_lets_16_streams_finish_then_exits_0(server_factory):
 def test_grace_shorter_than_the_streams_ends_each_with_an_error_event_and_done(server_factory):
     grace = 1.0
     server = server_factory(grace)
-    sigterm_at, results, _ = asyncio.run(_drain_scenario(server, probe=False))
+    sigterm_at, results, probes = asyncio.run(_drain_scenario(server, probe=False))
     code, exited_at = _wait_exit(server.proc, 60)
+    whole = probes["whole"]   # the non-streamed request: an error body instead of a cut connection
+    assert whole.status_code == 503 and whole.headers.get("retry-after") == "1"
+    assert whole.json()["error"]["code"] == "server_shutting_down"
     for result in results:
         frames = result["frames"]
         assert frames[-1] == "[DONE]"
@@ -160,7 +169,7 @@ def test_grace_shorter_than_the_streams_ends_each_with_an_error_event_and_done(s
         assert result["ended"] - sigterm_at < grace + 15   # a loaded box: generous
     assert code == 0, server.output()[-3000:]
     assert exited_at - sigterm_at < grace + 30
-    assert "shutdown grace of 1 s over: ending 16 request(s)" in server.output()
+    assert "shutdown grace of 1 s over: ending 17 request(s)" in server.output()
 
 
 def test_a_second_signal_exits_at_once(server_factory):
