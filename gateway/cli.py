@@ -68,7 +68,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="open client connections; at the cap the longest-idle one is closed")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send its request head (idle sockets, slowloris)")
-    p.add_argument("--keep-alive-timeout", type=float, default=65.0, help="seconds an idle keep-alive connection lives")
+    p.add_argument("--keep-alive-timeout", type=float, default=65.0,
+                   help="seconds an idle keep-alive connection lives")
     p.add_argument("--max-header-bytes", type=int, default=16384, help="largest request head accepted")
     p.add_argument("--max-sessions", type=int, default=64, help="live chat sessions (/v1/sessions)")
     p.add_argument("--session-ttl", type=float, default=1800.0,
