@@ -4,8 +4,9 @@
 1. CORS (Starlette's CORSMiddleware, only when config.cors_origins is set; methods, headers
    and credentials from config.cors_allow_*): outermost, so preflights never need a key and
    401/413 answers still carry the CORS headers;
-2. APIKeyMiddleware (only when config.api_keys is non-empty): every path except /health and
-   /ready — and /metrics unless config.guard_metrics — needs `Authorization: Bearer <key>`
+2. APIKeyMiddleware (only when config.api_keys is non-empty): every path except /health,
+   /ready, the web chat page and its assets (web_ui.PUBLIC_PATHS: static files, no data; the
+   page sends the key on its API calls) — and /metrics unless config.guard_metrics — needs `Authorization: Bearer <key>`
    (constant-time over every key; an empty key is refused at construction, an empty token always);
 3. BodyLimitMiddleware: 413 past config.max_request_bytes, decided from Content-Length before
    the app runs, or by counting the chunks as the app reads them (chunked uploads have none).
@@ -20,9 +21,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from gateway.api.errors import APIError
+from gateway.api.web_ui import PUBLIC_PATHS
 from gateway.config import Config
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready"}) | PUBLIC_PATHS
 
 
 def _header(scope, name: bytes) -> bytes | None:
