@@ -234,13 +234,24 @@ class ChatLoop:
         self._write(text + "\n")
 
 
-def chat_command(config, options: dict) -> int:
-    """`gateway chat`: options are url, api_key, model_name, max_history, temperature,
-    max_tokens, system (from cli.py); config drives the in-process engine."""
-    session = ChatSession(max_history=options.get("max_history"), temperature=options.get("temperature"),
-                          max_tokens=options.get("max_tokens"), system=options.get("system"))
-    if options.get("url"):
-        backend = HttpBackend(options["url"], options.get("api_key"), options.get("model_name"))
+@dataclass(frozen=True)
+class ChatOptions:
+    """`gateway chat`'s own options (cli.py fills them); the engine's are in the Config."""
+    url: str | None = None            # an OpenAI-compatible server; None → an engine in-process
+    api_key: str | None = None        # for url
+    model_name: str | None = None     # the served model to ask (url); default: the first listed
+    max_history: int | None = None    # turns kept; None → all
+    temperature: float | None = None  # None → ChatSettings' default, as for the next two
+    max_tokens: int | None = None
+    system: str | None = None
+
+
+def chat_command(config, options: ChatOptions) -> int:
+    """`gateway chat`: config drives the in-process engine, options the chat itself."""
+    session = ChatSession(max_history=options.max_history, temperature=options.temperature,
+                          max_tokens=options.max_tokens, system=options.system)
+    if options.url:
+        backend = HttpBackend(options.url, options.api_key, options.model_name)
     else:
         from gateway.engine.llm import LLM   # heavy: torch, transformers
         backend = InProcessBackend(LLM(**config.__dict__))

