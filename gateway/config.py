@@ -69,6 +69,10 @@ class Config:
     # The device and dtype names are checked here; executor/placement.py resolves them (with
     # the thread count) into what the executor runs on, once for every rank.
     dtype: str = _opt("auto", choices=("auto", "bfloat16", "float16", "float32"))
+    quantization: str = _opt(
+        "auto", "auto: a GGUF keeps its packed types, a float checkpoint stays float; none: dequantize; "
+                "int8 / int4: quantize a float checkpoint's linears at load (CPU)",
+        choices=("auto", "none", "int8", "int4"), aliases=("--quant",))
     device: str = _opt("cpu", "compute device (default: $GATEWAY_DEVICE or cpu)",
                        choices=("cpu", "cuda", "auto"), env="GATEWAY_DEVICE")
     max_model_len: int | None = _opt(None)   # None → the model's own context length
