@@ -15,7 +15,8 @@ from gateway.api import protocol as P
 from gateway.api.app import build_app
 from gateway.api.openapi import build_openapi
 from gateway.config import Config
-from gateway.engine.errors import EngineDeadError, QueueFullError
+from gateway.engine.client import EngineClient
+from gateway.engine.errors import EngineDeadError, QueueFullError, check_context_length
 from gateway.engine.messages import RequestOutput, StepStats, TokenLogprob
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -27,14 +28,17 @@ class FakeTokenizer:
 
 
 class FakeEngine:
+    """An EngineClient: submit() checks and refuses like AsyncEngine (synchronously, all
+    choices or none), then one task per request delivers its outputs to the sink."""
     model_name = "fake-model"
     max_model_len = 64
 
     def __init__(self, refuse=None, fail_after=None, step_delay=0.0, ready=True):
         self.tokenizer = FakeTokenizer()
         self.refuse, self.fail_after, self.step_delay = refuse, fail_after, step_delay
-        self.alive, self.ready = True, ready
+        self.alive, self.ready, self.draining = True, ready, False
         self.submitted, self.closed_early, self.aborted, self.active = [], [], [], set()
+        self.tasks = {}
         self.started = self.stopped = False
 
     async def start(self):
@@ -43,7 +47,7 @@ class FakeEngine:
     async def shutdown(self):
         self.stopped = True
 
-    def encode_chat(self, messages):
+    def encode_chat(self, messages, add_generation_prompt=True):
         if any(m["content"] == "BAD" for m in messages):
             raise ValueError("Conversation roles must alternate")
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
@@ -70,15 +74,38 @@ class FakeEngine:
     def num_kv_blocks_in_use(self):
         return len(self.active)
 
-    def abort(self, request_id):
-        self.aborted.append(request_id)
+    def worker_pids(self):
+        return []
 
-    async def generate(self, request):
-        self.submitted.append(request)
+    def pin_prefix(self, key, token_ids):
+        return _resolved(0)
+
+    def unpin_prefix(self, key):
+        return _resolved(0)
+
+    def fail_in_flight(self, make_error):
+        return 0
+
+    def submit(self, requests, sink):
         if self.refuse is not None:
             raise self.refuse
-        self.active.add(request.request_id)
-        p, done, scheduled = request.params, False, time.monotonic()
+        for request in requests:   # the engine's one context check, as EngineCore.check_request does it
+            check_context_length(self.max_model_len, len(request.prompt_token_ids), request.params.max_tokens)
+        for request in requests:
+            self.submitted.append(request)
+            self.active.add(request.request_id)
+            self.tasks[request.request_id] = asyncio.get_running_loop().create_task(self._run(request, sink))
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+        task = self.tasks.pop(request_id, None)
+        if task is not None and request_id in self.active:
+            self.active.discard(request_id)
+            self.closed_early.append(request_id)
+            task.cancel()
+
+    async def _run(self, request, sink):
+        p, scheduled = request.params, time.monotonic()
         try:
             for i in range(p.max_tokens):
                 await asyncio.sleep(self.step_delay)
@@ -88,15 +115,23 @@ class FakeEngine:
                 last = i == p.max_tokens - 1
                 top = [(token, -0.5), (ord("z"), -3.0)][:p.logprobs or 0]
                 lp = None if p.logprobs is None else [TokenLogprob(token, -0.5, top)]
-                done = last
-                yield RequestOutput(request.request_id, [token], chr(token), lp, finished=last,
-                                    finish_reason="length" if last else None,
-                                    num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=i + 1,
-                                    first_scheduled_time=scheduled)
-        finally:
+                if last:
+                    self.active.discard(request.request_id)
+                    self.tasks.pop(request.request_id, None)
+                sink.deliver(RequestOutput(request.request_id, [token], chr(token), lp, finished=last,
+                                           finish_reason="length" if last else None,
+                                           num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=i + 1,
+                                           first_scheduled_time=scheduled))
+        except EngineDeadError as exc:
             self.active.discard(request.request_id)
-            if not done:
-                self.closed_early.append(request.request_id)
+            self.tasks.pop(request.request_id, None)
+            sink.fail(request.request_id, exc)
+
+
+def _resolved(value):
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 class FakeMetrics:
@@ -203,7 +238,7 @@ def test_chat_logprobs_shape():
 def test_streamed_chat_logprobs_ride_on_their_delta():
     _, client = make()
     chunks = sse(client.post("/v1/chat/completions", json=chat_body(max_tokens=2, logprobs=True, stream=True)).text)
-    tokens = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks if c["choices"][0]["logprobs"]]
+    tokens = [e["token"] for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
     assert tokens == ["a", "b"]
 
 
@@ -352,7 +387,8 @@ def test_body_over_the_limit_is_413_by_content_length():
     assert engine.submitted == []
 
 
-def run_asgi(app, messages, on_send=None, disconnect=None, headers=((b"content-type", b"application/json"),)):
+def run_asgi(app, messages, on_send=None, disconnect=None, headers=((b"content-type", b"application/json"),),
+             send_delay=0.0):
     """Drive one HTTP request through `app`; receive() yields `messages`, then waits for
     `disconnect` (an asyncio.Event) before reporting http.disconnect."""
     sent = []
@@ -373,6 +409,8 @@ def run_asgi(app, messages, on_send=None, disconnect=None, headers=((b"content-t
             sent.append(message)
             if on_send:
                 on_send(message, sent)
+            if send_delay:   # a slow client: every write takes this long
+                await asyncio.sleep(send_delay)
 
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
                  "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
@@ -409,6 +447,29 @@ def test_cors_preflight_needs_no_key_and_answers_with_the_origin():
 
 def _body(**fields) -> list:
     return [{"type": "http.request", "body": orjson.dumps(chat_body(**fields)), "more_body": False}]
+
+
+def test_a_slow_client_gets_the_pending_tokens_coalesced_into_one_event():
+    engine = FakeEngine(step_delay=0.001)
+    sent = run_asgi(build_app(engine, Config(), None), _body(max_tokens=40, stream=True, logprobs=True),
+                    send_delay=0.05)
+    chunks = sse(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode())
+    content = [c["choices"][0] for c in chunks if c["choices"][0]["delta"].get("content")]
+    letters = "".join(chr(ord("a") + i % 26) for i in range(40))
+    assert "".join(c["delta"]["content"] for c in content) == letters
+    assert len(content) <= 20   # one event per token would be 40
+    for c in content:   # a coalesced delta's logprobs list every one of its tokens, in order
+        assert "".join(e["token"] for e in c["logprobs"]["content"]) == c["delta"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_fake_and_the_real_engine_declare_the_engine_client_interface():
+    from gateway.engine.async_engine import AsyncEngine
+    assert isinstance(FakeEngine(), EngineClient)
+    members = [m for m in dir(EngineClient) if not m.startswith("_")] + list(EngineClient.__annotations__)
+    assert {"submit", "abort", "encode_chat", "draining"} <= set(members)
+    source = __import__("inspect").getsource(AsyncEngine)
+    assert all(hasattr(AsyncEngine, m) or f"self.{m} =" in source for m in members)
 
 
 def test_stream_disconnect_closes_the_engine_iterator_and_records_an_abort():
@@ -478,7 +539,8 @@ def test_models_version_health_ready_and_metrics():
     error(client.get("/v1/models/other"), 404, "model")
     assert client.get("/version").json()["version"]
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"status": "ready", "model": "fake-model", "kv_blocks_in_use": 0}
+    assert client.get("/ready").json() == {"status": "ready", "model": "fake-model", "kv_blocks_in_use": 0,
+                                           "worker_pids": []}
     engine.ready = False
     assert client.get("/ready").status_code == 503
     metrics = client.get("/metrics")

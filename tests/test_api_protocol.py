@@ -5,6 +5,7 @@ import pytest
 
 from gateway.api import protocol as P
 from gateway.api.errors import APIError
+from gateway.engine.errors import RequestRejectedError, check_context_length
 
 INFO = P.ModelInfo(name="m", vocab_size=100, max_model_len=64)
 MSG = [{"role": "user", "content": "hi"}]
@@ -203,18 +204,21 @@ def test_completion_requires_a_prompt():
     assert (info.value.status, info.value.param) == (400, "prompt")
 
 
-def test_context_overflow_gives_both_numbers():
-    with pytest.raises(APIError) as info:
-        P.finalize_params(chat(max_tokens=10), 0, prompt_len=60, info=INFO, prompt_param="messages")
+def test_context_overflow_is_left_to_the_engine_check_which_gives_both_numbers():
+    params = P.finalize_params(chat(max_tokens=10), 0, prompt_len=60, info=INFO, prompt_param="messages")
+    assert params.max_tokens == 10   # no second check here: the engine's admission is the one
+    with pytest.raises(RequestRejectedError) as info:
+        check_context_length(INFO.max_model_len, 60, params.max_tokens)
     error = info.value
-    assert (error.status, error.param, error.code) == (400, "max_tokens", "context_length_exceeded")
-    assert "64" in error.message and "60 in the prompt" in error.message and "10 for the completion" in error.message
+    assert (error.param, error.code) == ("max_tokens", "context_length_exceeded")
+    assert "64" in str(error) and "60 in the prompt" in str(error) and "10 for the completion" in str(error)
 
 
-def test_prompt_filling_the_context_leaves_no_default_room():
-    with pytest.raises(APIError) as info:
-        P.finalize_params(chat(), 0, prompt_len=64, info=INFO, prompt_param="messages")
-    assert (info.value.status, info.value.param) == (400, "messages")
+def test_prompt_filling_the_context_leaves_one_token_which_the_engine_check_refuses():
+    params = P.finalize_params(chat(), 0, prompt_len=64, info=INFO, prompt_param="messages")
+    assert params.max_tokens == 1
+    with pytest.raises(RequestRejectedError):
+        check_context_length(INFO.max_model_len, 64, params.max_tokens)
 
 
 def test_min_tokens_above_the_default_max_tokens_is_rejected_after_tokenization():

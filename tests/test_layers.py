@@ -141,6 +141,5 @@ def test_the_check_sees_function_level_and_type_checking_imports(graph):
                     "(executor, a peer in its own layer)"]
 
 
-@pytest.mark.xfail(strict=True, reason="api pipeline pending (issue 17 part 1)")
 def test_sessions_do_not_import_the_app(graph):
     assert "gateway.api.app" not in graph["gateway.api.sessions"]

@@ -164,9 +164,21 @@ def _poison(live):
 
 
 async def _engine_request(engine, request: EngineRequest):
+    """Submit on the engine's event loop; its refusal (raised synchronously) comes back here."""
     async def consume():
-        return [out async for out in engine.generate(request)]
+        engine.submit([request], _ListSink())
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(consume(), engine._loop))
+
+
+class _ListSink:
+    def __init__(self):
+        self.items = []
+
+    def deliver(self, out):
+        self.items.append(out)
+
+    def fail(self, request_id, error):
+        self.items.append(error)
 
 
 def test_a_poisoned_request_fails_alone_while_the_others_complete(live):

@@ -75,7 +75,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, SamplingParamsError):
         return invalid(exc.param, str(exc))
     if isinstance(exc, RequestRejectedError):
-        return invalid(exc.param, str(exc), code="request_rejected")
+        return invalid(exc.param, str(exc), code=exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc) or "Too many requests are waiting; retry later.",
                         code="queue_full", headers={"Retry-After": RETRY_AFTER_SECONDS})

@@ -5,8 +5,8 @@ Parsing is pure (no engine calls, no I/O) and happens in two steps:
    length (MAX_* below; a 400 naming the field and the limit, before any per-item work) and
    reject every field we do not implement (400 naming it: nothing is accepted-and-ignored), returning a ChatRequest
    / CompletionRequest that holds an already-validated SamplingParams template.
-2. `finalize_params`, called after tokenization, fixes max_tokens against the context window
-   (400 giving both numbers when prompt + max_tokens does not fit) and the per-choice seed.
+2. `finalize_params`, called after tokenization, fixes the per-choice max_tokens (by default
+   the rest of the context window) and seed; whether they fit is the engine's admission check.
 The builders at the bottom produce the exact OpenAI response, chunk and logprobs objects.
 
 Accepted although they change nothing we compute: `user`, `metadata` (bookkeeping tags) and
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gateway.api.errors import invalid, model_not_found
-from gateway.engine.errors import context_length_message
 from gateway.sampling.logprobs import TokenLogprob
 from gateway.sampling.params import SamplingParams, SamplingParamsError
 
@@ -290,14 +289,12 @@ def parse_completion(body: dict, info: ModelInfo) -> CompletionRequest:
 
 def finalize_params(req: GenerationRequest, choice: int, prompt_len: int, info: ModelInfo,
                     prompt_param: str) -> SamplingParams:
-    """The SamplingParams of one choice: max_tokens fitted to the context, seed + choice."""
+    """The SamplingParams of one choice: max_tokens (left unset: the rest of the context, at
+    least 1), seed + choice. Whether prompt + max_tokens fits the context is the engine's one
+    check at admission (EngineCore.check_request), not repeated here."""
     if prompt_len == 0:
         raise invalid(prompt_param, "the prompt is empty (0 tokens)")
-    max_tokens = req.max_tokens if req.max_tokens is not None else info.max_model_len - prompt_len
-    if prompt_len + max_tokens > info.max_model_len or max_tokens < 1:
-        raise invalid(prompt_param if req.max_tokens is None else "max_tokens",
-                      context_length_message(info.max_model_len, prompt_len, max(max_tokens, 1)),
-                      code="context_length_exceeded")
+    max_tokens = req.max_tokens if req.max_tokens is not None else max(info.max_model_len - prompt_len, 1)
     seed = None if req.params.seed is None else req.params.seed + choice
     try:
         return dataclasses.replace(req.params, max_tokens=max_tokens, seed=seed)

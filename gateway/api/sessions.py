@@ -9,10 +9,10 @@ reply is being generated → 409.
 
 One chat turn, in order: sweep expired sessions → parse (the session's system prompt and
 turns + the new messages form the full conversation, validated as a chat request) → mark
-the session busy → generate like /v1/chat/completions → once the reply is complete (stop or
-length; before [DONE] when streaming), append {messages, reply} as one turn and pin the
-conversation's tokens (encoded as the next turn will encode them) on the engine thread →
-release busy. An incomplete reply (abort, error, disconnect) records nothing.
+the session busy → the pipeline of /v1/chat/completions (pipeline.py: tokenize, admit, run,
+the chat shape) with a completion hook: once the reply is complete (stop or length; before
+[DONE] when streaming), append {messages, reply} as one turn and pin the conversation's
+tokens (encoded as the next turn will encode them) on the engine thread → release busy. An incomplete reply (abort, error, disconnect) records nothing.
 Pins are released on delete, on revert (re-pinned to the kept prefix), on expiry after
 config.session_ttl_s idle (a background sweep, and before every session request) and at
 shutdown, so with no live session every KV block is free again."""
@@ -25,14 +25,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api import protocol as P
-from gateway.api.app import _guarded, _read_json, _timeout, _until_disconnect
 from gateway.api.errors import APIError, invalid, json_response
-from gateway.api.streaming import DONE, Job, SSEResponse, chat_events, chat_result
+from gateway.api.pipeline import Pipeline, guarded, read_json
+from gateway.api.shapers import CHAT
+from gateway.api.streaming import ChoiceState
 from gateway.config import Config
+from gateway.engine.client import EngineClient
 
 log = logging.getLogger("gateway.api")
 COMPLETE = ("stop", "length")
@@ -70,7 +71,7 @@ class Session:
 class SessionStore:
     """Live sessions and their pins. Event-loop side only; pins go through the engine inbox."""
 
-    def __init__(self, engine, config: Config, clock=time.monotonic):
+    def __init__(self, engine: EngineClient, config: Config, clock=time.monotonic):
         self.engine, self.clock = engine, clock
         self.max_sessions, self.ttl_s = config.max_sessions, config.session_ttl_s
         self.sessions: dict[str, Session] = {}
@@ -170,24 +171,10 @@ def _new_messages(body: dict) -> list[dict]:
     return messages
 
 
-class _SessionSSE(SSEResponse):
-    """SSEResponse that runs `on_exit` however the response ends (even if never iterated)."""
-
-    def __init__(self, events, on_exit):
-        super().__init__(events)
-        self.on_exit = on_exit
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_exit()
-
-
 class SessionRoutes:
-    def __init__(self, api, config: Config):
-        self.api, self.engine = api, api.engine
-        self.store = SessionStore(api.engine, config)
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline, self.engine, self.info = pipeline, pipeline.engine, pipeline.info
+        self.store = SessionStore(pipeline.engine, pipeline.config)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/sessions", self.create, methods=["POST"]),
@@ -206,88 +193,62 @@ class SessionRoutes:
                            code="session_busy")
         return session
 
-    @_guarded
+    @guarded
     async def create(self, request):
-        body = await _read_json(request) if await request.body() else {}
+        body = await read_json(request) if await request.body() else {}
         unknown = sorted(set(body) - {"system", "model"})
         if unknown:
             raise invalid(unknown[0], f"Unrecognized request argument supplied: {unknown[0]}")
-        self.api._check_model(body)
+        self.pipeline.check_model(body)
         await self.store.sweep()
         session = self.store.create(P.get(body, "system", "string"))
-        return json_response(session.describe(self.api.info.name))
+        return json_response(session.describe(self.info.name))
 
-    @_guarded
+    @guarded
     async def describe(self, request):
-        return json_response((await self._session(request)).describe(self.api.info.name))
+        return json_response((await self._session(request)).describe(self.info.name))
 
-    @_guarded
+    @guarded
     async def delete(self, request):
         await self.store.sweep()
         await self.store.delete(request.path_params["id"])
         return json_response({"id": request.path_params["id"], "object": "chat.session.deleted", "deleted": True})
 
-    @_guarded
+    @guarded
     async def revert(self, request):
-        body = await _read_json(request)
+        body = await read_json(request)
         session = await self._session(request, idle=True)
         turn = P.get(body, "turn", "integer")
         if turn is None or set(body) - {"turn"}:
             raise invalid("turn", "the body must be {\"turn\": N}")
         await self.store.revert(session, turn)
-        return json_response(session.describe(self.api.info.name))
+        return json_response(session.describe(self.info.name))
 
-    @_guarded
+    @guarded
     async def chat(self, request):
-        arrival = time.monotonic()
-        body = await _read_json(request)
+        arrival, pipe = time.monotonic(), self.pipeline
+        body = await read_json(request)
         session = await self._session(request, idle=True)
         new = _new_messages(body)
         full = {k: v for k, v in body.items() if k != "content"} | {"messages": session.messages() + new}
-        req = P.parse_chat(full, self.api.info)
+        req = P.parse_chat(full, self.info)
         if req.n != 1:
             raise invalid("n", "a session records one reply per turn: `n` must be 1")
-        self.api._check_alive()
+        pipe.check_alive()
         session.busy = True   # before the first await: encoding a large prompt yields the loop
         try:
-            prompt = await self.api.encode_chat(req.messages)
-            ctx = self.api._context("chatcmpl", req, len(prompt))
-            job = Job(self.engine, self.api._requests(ctx, req, [prompt], "messages", arrival),
-                      self.api.metrics, arrival, 1, req.max_tokens, _timeout(request, self.api.config))
-            return await self._generate(request, session, new, req, job, ctx)
+            prompt = await pipe.encode_chat(req.messages)
+            job, ctx = pipe.admit(request, req, [prompt], "messages", arrival, "chatcmpl")
         except BaseException:
             session.busy = False
             raise
 
-    async def _generate(self, request, session: Session, new: list[dict], req, job: Job, ctx):
-        job.start()
-        if req.stream:
-            refused = await job.refused()
-            if refused is not None:
-                await job.close()
-                raise refused
-            return _SessionSSE(self._recording_events(session, new, job, ctx), lambda: _release(session))
-        try:
-            states = await _until_disconnect(request, job.collect())
-        finally:
-            await job.close()
-            session.busy = False
-        if states is None:   # nobody is listening (499, as in app.py)
-            return Response(status_code=499)
-        if states[0].finish_reason in COMPLETE:
-            await self.store.record(session, new, "".join(states[0].text))
-        return json_response(chat_result(states, ctx, req.params.logprobs is not None))
+        async def record(states: list[ChoiceState]) -> None:
+            if states[0].finish_reason in COMPLETE:   # an incomplete reply records nothing
+                session.busy = False
+                await self.store.record(session, new, "".join(states[0].text))
 
-    async def _recording_events(self, session: Session, new: list[dict], job: Job, ctx):
-        frames = chat_events(job, ctx)
-        try:
-            async for chunk in frames:
-                if chunk == DONE and job.states[0].finish_reason in COMPLETE:
-                    session.busy = False
-                    await self.store.record(session, new, "".join(job.states[0].text))
-                yield chunk
-        finally:
-            await frames.aclose()
+        return await pipe.run(request, req, job, ctx, CHAT, on_complete=record, on_exit=lambda: _release(session))
 
 
 def _release(session: Session) -> None:

@@ -10,10 +10,13 @@ makes two pools on our 2 cores, and libgomp then stops spinning between parallel
 sleeps on a futex in each of the thousands per step: 43 ms per token instead of 23.
 
 Order of side effects: from_config starts the engine thread, which loads the model → start()
-lets that thread run the loop, which runs a one-token warm-up before it reports ready → generate() posts
-requests and yields deltas → a consumer that stops early aborts its request → shutdown().
-call_in_engine(fn) runs fn(core) on the loop thread between steps (prefix pins use it), in
-inbox order with adds and aborts. After every step and every drain of the inbox the loop
+lets that thread run the loop, which runs a one-token warm-up before it reports ready →
+submit(requests, sink) admits a request's choices (all or none, refusals raised at once) and
+posts them → after each step the outputs go, in one call_soon_threadsafe, straight to each
+request's sink (api/streaming.py's Job: one hop per token) → abort() for a consumer that stops
+early → shutdown(). call_in_engine(fn) runs fn(core) on the loop thread between steps (prefix
+pins use it), in inbox order with adds and aborts. The inbox carries typed messages
+(messages.Add, Abort, Call). After every step and every drain of the inbox the loop
 publishes a StepStats snapshot: the metrics' gauges, /ready's kv_blocks_in_use and
 num_waiting() (accepted, not yet scheduled: what --max-waiting-requests limits) read it, so
 they are fresh also when no step runs. With tensor parallelism the loop checks the workers'
@@ -28,13 +31,15 @@ import queue
 import threading
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.config import Config
+from gateway.engine.client import OutputSink
 from gateway.engine.core import EngineCore
-from gateway.engine.errors import EngineDeadError, QueueFullError, check_context_length
-from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
+from gateway.engine.engine_thread import EngineThread
+from gateway.engine.errors import EngineDeadError, QueueFullError
+from gateway.engine.messages import Abort, Add, Call, EngineRequest, InboxMessage, RequestOutput, StepStats
 from gateway.sampling.params import SamplingParams
 
 log = logging.getLogger("gateway.engine")
@@ -50,11 +55,11 @@ class AsyncEngine:
         self.max_model_len = core.max_model_len
         self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
         self._step_listener = step_listener
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._sinks: dict[str, OutputSink] = {}   # event loop side: request id → where its outputs go
         self._calls: set[asyncio.Future] = set()   # call_in_engine futures not yet resolved
-        self._thread: _EngineThread | None = None
+        self._thread: EngineThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._ready = False
@@ -72,7 +77,7 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: Config, step_listener=None) -> "AsyncEngine":
         """Load the model in the engine thread (see the module docstring); load errors re-raise here."""
-        thread = _EngineThread(lambda: EngineCore(config))
+        thread = EngineThread(lambda: EngineCore(config))
         engine = cls(config, thread.wait_built(), step_listener)
         engine._thread = thread
         return engine
@@ -81,7 +86,7 @@ class AsyncEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._thread is None:   # a core built by the caller: a fresh thread runs the loop
-            self._thread = _EngineThread(None)
+            self._thread = EngineThread(None)
         self._thread.run_next(self._run)
 
     async def shutdown(self) -> None:
@@ -183,22 +188,22 @@ class AsyncEngine:
         took = False
         while True:
             try:
-                kind, payload = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return took
             took = True
-            if kind == "add":
-                self._take_add(payload)
-            elif kind == "call":
-                self._run_call(*payload)
+            if isinstance(message, Add):
+                self._take_add(message.request)
+            elif isinstance(message, Call):
+                self._run_call(message.fn, message.future)
             else:
-                output = self.core.abort(payload)
+                output = self.core.abort(message.request_id)
                 if output is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, [output])
 
     def _take_add(self, request: EngineRequest) -> None:
         try:
-            self.core.add_request(request)
+            self.core.admit(request)   # submit() ran core.check_request on the event loop
         except Exception as exc:  # a poisoned request fails alone
             self._loop.call_soon_threadsafe(self._deliver_error, request.request_id, exc)
         finally:
@@ -216,27 +221,33 @@ class AsyncEngine:
 
     # ---- event-loop side -----------------------------------------------------------------
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """The one hop: each output to its request's sink (late ones for gone requests drop)."""
+        sinks = self._sinks
         for out in outputs:
-            q = self._queues.get(out.request_id)
-            if q is not None:   # late outputs for gone requests are dropped
-                q.put_nowait(out)
+            sink = sinks.pop(out.request_id, None) if out.finished else sinks.get(out.request_id)
+            if sink is not None:
+                sink.deliver(out)
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
-        q = self._queues.get(request_id)
-        if q is not None:
-            q.put_nowait(exc)
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink.fail(request_id, exc)
 
     def fail_in_flight(self, make_error: Callable[[], BaseException]) -> int:
         """Event loop side: end every in-flight request with make_error() (what the drain
-        deadline does). Each consumer raises it, and its generate() aborts the request, which
-        frees its KV blocks. Returns how many requests were ended."""
-        for q in self._queues.values():
-            q.put_nowait(make_error())
-        return len(self._queues)
+        deadline does): each is aborted in the engine (its KV blocks freed) and its sink gets
+        the error. Returns how many requests were ended."""
+        ended = list(self._sinks)
+        for request_id in ended:
+            sink = self._sinks.pop(request_id)
+            self.abort(request_id)
+            sink.fail(request_id, make_error())
+        return len(ended)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for q in self._queues.values():
-            q.put_nowait(EngineDeadError(f"the engine stopped: {exc!r}"))
+        sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            sink.fail(request_id, EngineDeadError(f"the engine stopped: {exc!r}"))
         for future in list(self._calls):
             self._resolve_call(future, None, EngineDeadError(f"the engine stopped: {exc!r}"))
 
@@ -249,40 +260,28 @@ class AsyncEngine:
         else:
             future.set_result(result)
 
-    def _check_admission(self, request: EngineRequest) -> None:
+    def submit(self, requests: list[EngineRequest], sink: OutputSink) -> None:
+        """Admit all of `requests` (the choices of one HTTP request) or none, synchronously:
+        EngineDeadError, QueueFullError (they would be one too many waiting) or
+        RequestRejectedError (EngineCore.check_request) is raised before anything is posted."""
         if self._dead is not None or (self._thread is not None and not self._thread.is_alive()):
             raise EngineDeadError("the engine is not running")
         waiting = self.num_waiting()
-        if waiting >= self.config.max_waiting_requests:   # this one would make it one more
+        if waiting + len(requests) > self.config.max_waiting_requests:
             raise QueueFullError(f"{waiting} requests are waiting to be scheduled, the server's limit "
                                  f"(--max-waiting-requests {self.config.max_waiting_requests}); retry later")
-        check_context_length(self.max_model_len, len(request.prompt_token_ids), request.params.max_tokens)
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        self._check_admission(request)
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request.request_id] = q
-        self._adds_posted += 1   # before the put: the engine thread must never take more than was posted
-        self._inbox.put(("add", request))
+        for request in requests:
+            self.core.check_request(request)
+        for request in requests:
+            self._sinks[request.request_id] = sink
+            self._adds_posted += 1   # before the put: the engine thread must never take more than was posted
+            self._inbox.put(Add(request))
         self._wakeup.set()
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request.request_id, None)
-            if not finished:
-                self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        """Ends the request in the engine (its blocks freed); its sink hears nothing more."""
+        self._sinks.pop(request_id, None)
+        self._inbox.put(Abort(request_id))
         self._wakeup.set()
 
     def call_in_engine(self, fn: Callable[[EngineCore], object]) -> asyncio.Future:
@@ -292,7 +291,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         future = self._loop.create_future()
         self._calls.add(future)
-        self._inbox.put(("call", (fn, future)))
+        self._inbox.put(Call(fn, future))
         self._wakeup.set()
         return future
 
@@ -321,39 +320,3 @@ class AsyncEngine:
 
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
-
-
-
-class _EngineThread(threading.Thread):
-    """A daemon thread that runs build() at once (wait_built() returns its result or re-raises),
-    then the one function run_next() hands it: the model's loader is the loop's thread."""
-
-    def __init__(self, build: Callable[[], EngineCore] | None):
-        super().__init__(name="gateway-engine", daemon=True)
-        self._build = build
-        self._built = threading.Event()
-        self._next: Callable[[], None] | None = None
-        self._go = threading.Event()
-        self._result: EngineCore | None = None
-        self._error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._result = self._build() if self._build is not None else None
-        except BaseException as exc:
-            self._error = exc
-        self._built.set()
-        if self._error is None:
-            self._go.wait()
-            self._next()
-
-    def wait_built(self) -> EngineCore:
-        self._built.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def run_next(self, fn: Callable[[], None]) -> None:
-        self._next = fn
-        self._go.set()

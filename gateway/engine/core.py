@@ -119,16 +119,28 @@ class EngineCore:
         return self.config.max_model_len
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request: EngineRequest) -> None:
+    def check_request(self, request: EngineRequest) -> None:
+        """The one admission check of a request's shape (empty prompt, prompt + max_tokens
+        against the context, ids inside the vocabulary): raises RequestRejectedError. Reads
+        only what is fixed after construction, so AsyncEngine.submit runs it on the event loop
+        and a refusal is answered synchronously."""
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
-            raise RequestRejectedError("the prompt is empty", "prompt")
+            raise RequestRejectedError("the prompt is empty (0 tokens)", "prompt")
         check_context_length(self.max_model_len, prompt_len, request.params.max_tokens)
         vocab = self.runner.arch.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if any(t < 0 or t >= vocab for t in request.params.logit_bias):
             raise RequestRejectedError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+
+    def add_request(self, request: EngineRequest) -> None:
+        """check_request, then admit (offline callers: LLM, the warm-up)."""
+        self.check_request(request)
+        self.admit(request)
+
+    def admit(self, request: EngineRequest) -> None:
+        """Queue an already checked request for scheduling."""
         seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params,
                        arrival_time=request.arrival_time)
         self.scheduler.add(seq)

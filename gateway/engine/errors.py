@@ -12,9 +12,9 @@ class QueueFullError(RuntimeError):
 class RequestRejectedError(ValueError):
     """The request cannot be served as asked (e.g. prompt + max_tokens beyond the context): 400."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "request_rejected"):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 def context_length_message(max_model_len: int, prompt_len: int, max_tokens: int) -> str:
@@ -26,4 +26,5 @@ def context_length_message(max_model_len: int, prompt_len: int, max_tokens: int)
 
 def check_context_length(max_model_len: int, prompt_len: int, max_tokens: int) -> None:
     if prompt_len + max_tokens > max_model_len:
-        raise RequestRejectedError(context_length_message(max_model_len, prompt_len, max_tokens), "max_tokens")
+        raise RequestRejectedError(context_length_message(max_model_len, prompt_len, max_tokens), "max_tokens",
+                                   code="context_length_exceeded")

@@ -1,10 +1,13 @@
 """Every dataclass that crosses a boundary between the API side and the engine core
-(and, for tensor parallelism, between processes). Plain data only."""
+(and, for tensor parallelism, between processes). Plain data only; the inbox messages
+(Add, Abort, Call) are what the event loop posts to the engine thread, in order."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.sampling.logprobs import TokenLogprob
 from gateway.sampling.params import SamplingParams
@@ -63,3 +66,24 @@ class RequestRecord:
     finish_reason: str                     # stop | length | abort | error
     n: int = 1
     max_tokens: int | None = None
+
+
+# ---- the engine thread's inbox (posted by AsyncEngine on the event loop) -------------------
+
+@dataclass
+class Add:
+    request: EngineRequest            # already checked by EngineCore.check_request
+
+
+@dataclass
+class Abort:
+    request_id: str
+
+
+@dataclass
+class Call:
+    fn: Callable[[Any], object]       # fn(core), run between steps
+    future: Any                       # the asyncio.Future the event loop resolves with its result
+
+
+InboxMessage = Add | Abort | Call

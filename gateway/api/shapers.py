@@ -1,0 +1,124 @@
+"""Shapers: one run's deltas (streaming.Job) → the OpenAI objects of one kind of request.
+A `Shape` is a frame generator (streamed) plus a result builder (not streamed); chat
+completions, completions and session turns (chat plus a hook) use the same run.
+
+Streamed, in order: the opening frames (chat: a role delta per choice; completions with
+echo: the prompt text) → per Job.next() batch, one frame per choice that moved (its text
+concatenated, its logprobs all listed; then a finish frame when it ended), written in one
+send → the usage frame (include_usage) → `on_complete(states)` when no error came → [DONE].
+An error after the headers travels as an error frame, then [DONE]. The generator closes the
+job (abort what is unfinished, record metrics) however it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import AsyncGenerator, Callable
+
+import orjson
+
+from gateway.api import protocol as P
+from gateway.api.errors import from_exception
+from gateway.api.streaming import ChoiceState, Delta, Job
+
+DONE = b"data: [DONE]\n\n"
+OnComplete = Callable[[list[ChoiceState]], Awaitable[None]]
+
+
+def frame(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+@dataclass
+class ResponseContext:
+    rid: str
+    created: int
+    model: str
+    token_str: Callable[[int], str]
+    prompt_tokens: int                    # each distinct prompt counted once
+    include_usage: bool = False
+    echo_texts: list[str] | None = None   # completions with echo: the prompt text per choice
+    logprobs: bool = False                # the client asked for logprobs
+
+    def usage(self, states: list[ChoiceState]) -> dict:
+        return P.usage(self.prompt_tokens, sum(s.num_tokens for s in states))
+
+
+async def _events(job: Job, ctx: ResponseContext, kind: str, opening: list[dict],
+                  choice: Callable[[Delta], list[dict]], on_complete: OnComplete | None):
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        return frame(P.envelope(kind, ctx.rid, ctx.created, ctx.model, choices, usage, with_usage=ctx.include_usage))
+    try:
+        try:
+            if opening:
+                yield b"".join(chunk([c]) for c in opening)
+            while (deltas := await job.next()) is not None:
+                frames = b"".join(chunk([c]) for d in deltas for c in choice(d))
+                if frames:
+                    yield frames
+            if ctx.include_usage:
+                yield chunk([], ctx.usage(job.states))
+            if on_complete is not None:
+                await on_complete(job.states)
+        except Exception as exc:   # headers are sent: the error travels as a frame
+            yield frame(from_exception(exc).body())
+        yield DONE
+    finally:
+        job.close()
+
+
+def chat_events(job: Job, ctx: ResponseContext, on_complete: OnComplete | None = None) -> AsyncGenerator[bytes, None]:
+    def choice(d: Delta) -> list[dict]:
+        out = []
+        lp = P.chat_logprobs(d.logprobs, ctx.token_str) if d.logprobs else None
+        if d.text or lp:
+            out.append(P.chat_delta(d.state.index, {"content": d.text}, None, lp))
+        if d.finished:
+            out.append(P.chat_delta(d.state.index, {}, d.state.finish_reason))
+        return out
+    opening = [P.chat_delta(s.index, {"role": "assistant", "content": ""}) for s in job.states]
+    return _events(job, ctx, "chat.completion.chunk", opening, choice, on_complete)
+
+
+def completion_events(job: Job, ctx: ResponseContext,
+                      on_complete: OnComplete | None = None) -> AsyncGenerator[bytes, None]:
+    offsets = [len(ctx.echo_texts[s.index]) if ctx.echo_texts else 0 for s in job.states]
+
+    def choice(d: Delta) -> list[dict]:
+        out, i = [], d.state.index
+        lp = None
+        if d.logprobs:
+            lp, offsets[i] = P.completion_logprobs(d.logprobs, ctx.token_str, offsets[i])
+        if d.text or lp:
+            out.append(P.text_choice(i, d.text, None, lp))
+        if d.finished:
+            out.append(P.text_choice(i, "", d.state.finish_reason))
+        return out
+    opening = [P.text_choice(s.index, ctx.echo_texts[s.index]) for s in job.states] if ctx.echo_texts else []
+    return _events(job, ctx, "text_completion", opening, choice, on_complete)
+
+
+def chat_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:
+    choices = [P.chat_choice(s.index, "".join(s.text), s.finish_reason,
+                             P.chat_logprobs(s.logprobs, ctx.token_str) if ctx.logprobs else None)
+               for s in states]
+    return P.envelope("chat.completion", ctx.rid, ctx.created, ctx.model, choices, ctx.usage(states))
+
+
+def completion_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:
+    choices = []
+    for s in states:
+        prefix = ctx.echo_texts[s.index] if ctx.echo_texts else ""
+        lp = P.completion_logprobs(s.logprobs, ctx.token_str, len(prefix))[0] if ctx.logprobs else None
+        choices.append(P.text_choice(s.index, prefix + "".join(s.text), s.finish_reason, lp))
+    return P.envelope("text_completion", ctx.rid, ctx.created, ctx.model, choices, ctx.usage(states))
+
+
+@dataclass(frozen=True)
+class Shape:
+    events: Callable[..., AsyncGenerator[bytes, None]]          # (job, ctx, on_complete) → frames
+    result: Callable[[list[ChoiceState], ResponseContext], dict]
+
+
+CHAT = Shape(chat_events, chat_result)
+COMPLETION = Shape(completion_events, completion_result)
