@@ -4,6 +4,7 @@ status and `param`. Pure functions: no engine, no HTTP."""
 import pytest
 
 from gateway.api import protocol as P
+from gateway.api import responses as R
 from gateway.api.errors import APIError
 from gateway.engine.errors import RequestRejectedError, check_context_length
 
@@ -238,14 +239,14 @@ def test_empty_prompt_is_rejected():
 
 def test_chat_logprobs_shape_and_infinite_values_are_clamped():
     from gateway.engine.messages import TokenLogprob
-    out = P.chat_logprobs([TokenLogprob(65, float("-inf"), [(65, -0.1), (66, -2.0)])], chr)
+    out = R.chat_logprobs([TokenLogprob(65, float("-inf"), [(65, -0.1), (66, -2.0)])], chr)
     assert out == {"content": [{"token": "A", "logprob": -9999.0, "bytes": [65], "top_logprobs": [
         {"token": "A", "logprob": -0.1, "bytes": [65]}, {"token": "B", "logprob": -2.0, "bytes": [66]}]}]}
 
 
 def test_completion_logprobs_offsets_continue_from_the_start():
     from gateway.engine.messages import TokenLogprob
-    out, end = P.completion_logprobs([TokenLogprob(65, -1.0, []), TokenLogprob(66, -2.0, [(66, -2.0)])], chr, 3)
+    out, end = R.completion_logprobs([TokenLogprob(65, -1.0, []), TokenLogprob(66, -2.0, [(66, -2.0)])], chr, 3)
     assert out == {"tokens": ["A", "B"], "token_logprobs": [-1.0, -2.0], "top_logprobs": [{}, {"B": -2.0}],
                    "text_offset": [3, 4]}
     assert end == 5

@@ -7,7 +7,7 @@ Parsing is pure (no engine calls, no I/O) and happens in two steps:
    / CompletionRequest that holds an already-validated SamplingParams template.
 2. `finalize_params`, called after tokenization, fixes the per-choice max_tokens (by default
    the rest of the context window) and seed; whether they fit is the engine's admission check.
-The builders at the bottom produce the exact OpenAI response, chunk and logprobs objects.
+The exact OpenAI response, chunk and logprobs objects are built in responses.py.
 
 Accepted although they change nothing we compute: `user`, `metadata` (bookkeeping tags) and
 `store` (false only: we store nothing). A field in UNSUPPORTED may be sent as null.
@@ -16,12 +16,9 @@ Accepted although they change nothing we compute: `user`, `metadata` (bookkeepin
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Callable
 
 from gateway.api.errors import invalid, model_not_found
-from gateway.sampling.logprobs import TokenLogprob
 from gateway.sampling.params import SamplingParams, SamplingParamsError
 
 MAX_CHOICES = 128        # n, times the number of prompts for completions
@@ -300,61 +297,3 @@ def finalize_params(req: GenerationRequest, choice: int, prompt_len: int, info: 
         return dataclasses.replace(req.params, max_tokens=max_tokens, seed=seed)
     except SamplingParamsError as exc:   # e.g. min_tokens above the default max_tokens
         raise invalid(exc.param, str(exc)) from None
-
-
-# ---- response objects -------------------------------------------------------------------
-
-TokenStr = Callable[[int], str]
-
-
-def _lp(value: float) -> float:
-    # JSON has no -inf/NaN; vLLM clamps to the same floor.
-    return value if math.isfinite(value) else -9999.0
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def chat_logprobs(entries: list[TokenLogprob], token_str: TokenStr) -> dict:
-    def one(token_id: int, logprob: float) -> dict:
-        token = token_str(token_id)
-        return {"token": token, "logprob": _lp(logprob), "bytes": list(token.encode("utf-8"))}
-    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
-                        for e in entries]}
-
-
-def completion_logprobs(entries: list[TokenLogprob], token_str: TokenStr, offset: int) -> tuple[dict, int]:
-    """The legacy logprobs object, and the text offset after its last token."""
-    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        token = token_str(e.token_id)
-        out["tokens"].append(token)
-        out["token_logprobs"].append(_lp(e.logprob))
-        out["top_logprobs"].append({token_str(t): _lp(lp) for t, lp in e.top})
-        out["text_offset"].append(offset)
-        offset += len(token)
-    return out, offset
-
-
-def envelope(kind: str, rid: str, created: int, model: str, choices: list[dict],
-             usage_obj: dict | None = None, with_usage: bool = True) -> dict:
-    """kind: chat.completion | chat.completion.chunk | text_completion."""
-    obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
-    if with_usage:
-        obj["usage"] = usage_obj
-    return obj
-
-
-def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def text_choice(index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -17,7 +17,7 @@ from typing import AsyncGenerator, Callable
 
 import orjson
 
-from gateway.api import protocol as P
+from gateway.api import responses as R
 from gateway.api.errors import from_exception
 from gateway.api.streaming import ChoiceState, Delta, Job
 
@@ -41,13 +41,13 @@ class ResponseContext:
     logprobs: bool = False                # the client asked for logprobs
 
     def usage(self, states: list[ChoiceState]) -> dict:
-        return P.usage(self.prompt_tokens, sum(s.num_tokens for s in states))
+        return R.usage(self.prompt_tokens, sum(s.num_tokens for s in states))
 
 
 async def _events(job: Job, ctx: ResponseContext, kind: str, opening: list[dict],
                   choice: Callable[[Delta], list[dict]], on_complete: OnComplete | None):
     def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
-        return frame(P.envelope(kind, ctx.rid, ctx.created, ctx.model, choices, usage, with_usage=ctx.include_usage))
+        return frame(R.envelope(kind, ctx.rid, ctx.created, ctx.model, choices, usage, with_usage=ctx.include_usage))
     try:
         try:
             if opening:
@@ -70,13 +70,13 @@ async def _events(job: Job, ctx: ResponseContext, kind: str, opening: list[dict]
 def chat_events(job: Job, ctx: ResponseContext, on_complete: OnComplete | None = None) -> AsyncGenerator[bytes, None]:
     def choice(d: Delta) -> list[dict]:
         out = []
-        lp = P.chat_logprobs(d.logprobs, ctx.token_str) if d.logprobs else None
+        lp = R.chat_logprobs(d.logprobs, ctx.token_str) if d.logprobs else None
         if d.text or lp:
-            out.append(P.chat_delta(d.state.index, {"content": d.text}, None, lp))
+            out.append(R.chat_delta(d.state.index, {"content": d.text}, None, lp))
         if d.finished:
-            out.append(P.chat_delta(d.state.index, {}, d.state.finish_reason))
+            out.append(R.chat_delta(d.state.index, {}, d.state.finish_reason))
         return out
-    opening = [P.chat_delta(s.index, {"role": "assistant", "content": ""}) for s in job.states]
+    opening = [R.chat_delta(s.index, {"role": "assistant", "content": ""}) for s in job.states]
     return _events(job, ctx, "chat.completion.chunk", opening, choice, on_complete)
 
 
@@ -88,30 +88,30 @@ def completion_events(job: Job, ctx: ResponseContext,
         out, i = [], d.state.index
         lp = None
         if d.logprobs:
-            lp, offsets[i] = P.completion_logprobs(d.logprobs, ctx.token_str, offsets[i])
+            lp, offsets[i] = R.completion_logprobs(d.logprobs, ctx.token_str, offsets[i])
         if d.text or lp:
-            out.append(P.text_choice(i, d.text, None, lp))
+            out.append(R.text_choice(i, d.text, None, lp))
         if d.finished:
-            out.append(P.text_choice(i, "", d.state.finish_reason))
+            out.append(R.text_choice(i, "", d.state.finish_reason))
         return out
-    opening = [P.text_choice(s.index, ctx.echo_texts[s.index]) for s in job.states] if ctx.echo_texts else []
+    opening = [R.text_choice(s.index, ctx.echo_texts[s.index]) for s in job.states] if ctx.echo_texts else []
     return _events(job, ctx, "text_completion", opening, choice, on_complete)
 
 
 def chat_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:
-    choices = [P.chat_choice(s.index, "".join(s.text), s.finish_reason,
-                             P.chat_logprobs(s.logprobs, ctx.token_str) if ctx.logprobs else None)
+    choices = [R.chat_choice(s.index, "".join(s.text), s.finish_reason,
+                             R.chat_logprobs(s.logprobs, ctx.token_str) if ctx.logprobs else None)
                for s in states]
-    return P.envelope("chat.completion", ctx.rid, ctx.created, ctx.model, choices, ctx.usage(states))
+    return R.envelope("chat.completion", ctx.rid, ctx.created, ctx.model, choices, ctx.usage(states))
 
 
 def completion_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:
     choices = []
     for s in states:
         prefix = ctx.echo_texts[s.index] if ctx.echo_texts else ""
-        lp = P.completion_logprobs(s.logprobs, ctx.token_str, len(prefix))[0] if ctx.logprobs else None
-        choices.append(P.text_choice(s.index, prefix + "".join(s.text), s.finish_reason, lp))
-    return P.envelope("text_completion", ctx.rid, ctx.created, ctx.model, choices, ctx.usage(states))
+        lp = R.completion_logprobs(s.logprobs, ctx.token_str, len(prefix))[0] if ctx.logprobs else None
+        choices.append(R.text_choice(s.index, prefix + "".join(s.text), s.finish_reason, lp))
+    return R.envelope("text_completion", ctx.rid, ctx.created, ctx.model, choices, ctx.usage(states))
 
 
 @dataclass(frozen=True)
