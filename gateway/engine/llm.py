@@ -39,6 +39,8 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, model: str | None = None, **config_fields):
+        if "quant" in config_fields:   # LLaMA2-Accessory's spelling of `quantization`
+            config_fields["quantization"] = config_fields.pop("quant")
         self.config = Config(model=model, **config_fields)
         self.core = EngineCore(self.config)
         self.tokenizer = self.core.tokenizer

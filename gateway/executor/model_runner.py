@@ -1,7 +1,8 @@
 """ModelRunner: owns the model weights, the paged KV cache and the sampler on one device.
 
 Start-up order: device and dtype (placement.py; the executor passes them in) → build the
-model on the device → load weights (progress bar) → prepack CPU linears → size and allocate
+model on the device → load weights (progress bar; models/weight_loading.py: GGUF packed or
+dequantized, int8/int4 quantized, bytes by type logged) → prepack CPU linears → size and allocate
 the KV cache (logged) → on CUDA, capture decode CUDA graphs (cuda_graphs.py). Each step: flat batch → one forward for all sequences
 (a graph replay when every sequence decodes) → logits of the sampled rows → sampler.
 As one tensor-parallel rank (a ParallelContext): the model is built as this rank's shard
@@ -24,8 +25,9 @@ from gateway.executor.cuda_graphs import build_cuda_graphs
 from gateway.executor.interface import StepResult
 from gateway.executor.placement import Placement, resolve_placement
 from gateway.models import registry
-from gateway.models.loader import ModelSource, iter_checkpoint, iter_weights
+from gateway.models.loader import ModelSource
 from gateway.models.tp_layers import ParallelContext, shard_plan
+from gateway.models.weight_loading import load_model_weights
 from gateway.sampling.sampler import Sampler, SamplingBatch
 
 log = logging.getLogger("gateway.runner")
@@ -85,9 +87,9 @@ class ModelRunner:
                 raise ValueError(f"{self.arch.architecture} ({model_class.__name__}) does not support "
                                  f"tensor parallelism; use --tp 1")
         model.to(self.dtype)
-        weights = iter_checkpoint if self.parallel else iter_weights
         first_rank = self.parallel is None or self.parallel.rank == 0     # one progress bar, not N
-        model.load_weights(weights(source.directory, self.dtype, progress=first_rank))
+        self.weight_bytes = load_model_weights(model, source, self.dtype, self.device, self.config.quantization,
+                                               lazy=self.parallel is not None, progress=first_rank)
         model.eval()
         if self.device.type == "cpu" and hasattr(model, "prepack"):
             model.prepack()

@@ -32,12 +32,13 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|
 RESCORED_CANDIDATES = 16
 
 
-def rescore_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+def rescore_top_logits(logits: torch.Tensor, hidden: torch.Tensor, head: Linear) -> None:
     """16-bit logits come out quantized (steps of 0.125 near 20), which makes near-ties at the
     top arbitrary and greedy output depend on batch shape. Recompute the top candidates of
-    each row exactly in fp32, in place: a [B, 16] product instead of a full fp32 LM head."""
+    each row exactly in fp32, in place: a [B, 16] product instead of a full fp32 LM head
+    (a quantized head: its rows dequantized exactly, the product in fp32)."""
     top = logits.topk(min(RESCORED_CANDIDATES, logits.shape[-1]), dim=-1).indices                # [B, k]
-    exact = torch.bmm(weight[top].float(), hidden.float().unsqueeze(-1)).squeeze(-1)
+    exact = torch.bmm(head.weight_rows(top, torch.float32), hidden.float().unsqueeze(-1)).squeeze(-1)
     logits.scatter_(1, top, exact)
 
 
@@ -105,13 +106,21 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(hidden).float()
         if hidden.dtype != torch.float32:   # each rank rescores its own top: the global top is among them
-            rescore_top_logits(logits, hidden, self.lm_head.weight)
+            rescore_top_logits(logits, hidden, self.lm_head)
         return logits if self.parallel is None else self.parallel.comm.gather(logits)
 
     def prepack(self) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
+
+    def quantize(self, qtype: str) -> None:
+        """`--quantization int8|int4` on a float checkpoint: every linear of the decoder layers
+        (and an untied LM head); the embedding, and a head tied to it, stay in float."""
+        heads = [] if self.arch.tie_word_embeddings else [self.lm_head]
+        for module in [*self.layers.modules(), *heads]:
+            if isinstance(module, Linear):
+                module.quantize(qtype)
 
     # ---- weights -------------------------------------------------------------------------
     def checkpoint_names(self) -> dict[str, tuple[int, ...]]:
@@ -177,6 +186,9 @@ class LlamaForCausalLM(nn.Module):
                                      f"checkpoint {tuple(tensor.shape)}")
                 param.data.copy_(tensor)
             loaded.add(name)
+        if self.arch.tie_word_embeddings and self.embed_tokens.packed is not None:
+            self.lm_head.set_parts([self.embed_tokens.packed])   # the head reads the packed table too
+            self.lm_head.weight = self.embed_tokens.weight
         missing = sorted(set(expected) - loaded)
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""

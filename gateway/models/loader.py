@@ -153,9 +153,10 @@ class CheckpointTensor:
         return self._slice[:].to(self.dtype)
 
 
-def materialize(tensor) -> torch.Tensor:
-    """A real tensor from a torch.Tensor or a CheckpointTensor."""
-    return tensor.load() if isinstance(tensor, CheckpointTensor) else tensor
+def materialize(tensor):
+    """A real tensor from a torch.Tensor or a lazy one (CheckpointTensor; a GGUFTensor, which
+    may give a kernels.quant.PackedWeight)."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.load()
 
 
 def iter_checkpoint(directory: Path, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, CheckpointTensor]]:
@@ -170,14 +171,3 @@ def iter_checkpoint(directory: Path, dtype: torch.dtype, progress: bool = True) 
     from tqdm import tqdm
     total = sum(len(h.keys()) for h in handles)
     yield from tqdm(tensors, total=total, desc="loading weight shards", unit="tensor", leave=False)
-
-
-def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every tensor, read from the headers without loading data."""
-    from safetensors import safe_open
-    shapes = {}
-    for f in weight_files(directory):
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes

@@ -4,8 +4,9 @@ ColumnParallelLinear keeps a run of output rows (merged q|k|v and gate|up: one r
 checkpoint shard); RowParallelLinear keeps a run of input columns and all-reduces its
 output (once per call; the bias, if any, is added after the sum); VocabParallelEmbedding
 keeps a run of vocabulary rows, zeroes lookups outside it and all-reduces. Each narrows
-the checkpoint tensor to its slice before copying (a lazy CheckpointTensor then reads
-only those bytes), so no rank materialises the whole model.
+the checkpoint tensor to its slice before copying (a lazy CheckpointTensor or GGUFTensor
+then reads only those bytes), so no rank materialises the whole model. A GGUF row-parallel
+slice that does not fall on whole quantization blocks is dequantized (gguf_weights.py logs it).
 
 `shard_plan(arch, rank, world_size)` decides the slices (gateway.models.partition);
 the `*_linear` / `vocab_embedding` builders return the plain single-device modules when
@@ -17,10 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gateway.models.layers import Linear
+from gateway.models.layers import Embedding, Linear
 from gateway.models.loader import materialize
 from gateway.models.partition import AttentionShard, partition_attention, split_evenly
 
@@ -95,20 +95,19 @@ class RowParallelLinear(Linear):
         return out if self.reduced_bias is None else out + self.reduced_bias
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Embedding):
     def __init__(self, vocab_slice: tuple[int, int], hidden_size: int, comm: "Communicator"):
-        super().__init__()
+        super().__init__(vocab_slice[1], hidden_size)
         self.start, self.length = vocab_slice
-        self.weight = nn.Parameter(torch.empty(self.length, hidden_size), requires_grad=False)
         self.comm = comm
 
     def load_shard(self, param_name: str, shard: str | None, tensor) -> None:
-        self.weight.data.copy_(tensor.narrow(0, self.start, self.length))
+        super().load_shard(param_name, shard, tensor.narrow(0, self.start, self.length))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.length)
-        out = F.embedding(local.clamp(0, self.length - 1), self.weight)
+        out = self.lookup(local.clamp(0, self.length - 1))
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.comm.all_reduce(out)
 
@@ -132,7 +131,5 @@ def row_linear(in_slice: tuple[int, int], out_features: int, bias: bool,
 
 def vocab_embedding(vocab_slice: tuple[int, int], hidden_size: int, parallel: ParallelContext | None) -> nn.Module:
     if parallel is None:
-        embedding = nn.Embedding(vocab_slice[1], hidden_size)
-        embedding.weight.requires_grad_(False)
-        return embedding
+        return Embedding(vocab_slice[1], hidden_size)
     return VocabParallelEmbedding(vocab_slice, hidden_size, parallel.comm)

@@ -1,0 +1,82 @@
+"""Quantized weights against the dequantized bf16 model, teacher-forced over a fixed English
+text (tests/data/quant_accuracy.txt, 328 tokens): perplexity and next-token top-1 agreement.
+
+Bounds (issue 14): the default GGUF served packed (Q4_1 linears, Q8_0 embedding/head) within
+0.5% perplexity of the same file dequantized to bf16; an HF checkpoint (the dequantized default
+model) quantized at load to int8 per output channel within 1% of its bf16 run; int4 (groups of
+32, scale + min) within 1% too. Measured with the torch reference: packed -0.04%, int8 -0.03%,
+int4 -0.24%, top-1 agreement 0.96-0.98. int4 is near-lossless here only because these weights
+already lie on a Q4_1 grid of groups of 32; the 1% bound is the one int8 gets, not a tighter one."""
+
+import math
+import types
+
+import pytest
+import torch
+
+quant = pytest.importorskip("gateway.kernels.quant")
+
+from gateway.engine.llm import LLM                      # noqa: E402
+from gateway.executor.batch import build_flat_batch     # noqa: E402
+
+TEXT = (__import__("pathlib").Path(__file__).parent / "data" / "quant_accuracy.txt").read_text()
+
+
+def teacher_forced_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prefill of `ids` (blocks 0..n of the runner's cache)."""
+    runner = llm.core.runner
+    seq = types.SimpleNamespace(num_computed_tokens=0, token_ids=ids, num_tokens=len(ids),
+                                block_table=list(range(-(-len(ids) // runner.block_size))))
+    batch = build_flat_batch([types.SimpleNamespace(seq=seq, num_new_tokens=len(ids))], runner.block_size,
+                             runner.device)
+    with torch.inference_mode():
+        hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
+        return runner.model.compute_logits(hidden).float()
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return math.exp(-logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean().item())
+
+
+@pytest.fixture(scope="module")
+def runs(default_model_dir):
+    """quantization mode → (logits, weight bytes by type); each model built and dropped in turn."""
+    out = {}
+    for name, model, mode in (("bf16", None, "none"), ("packed", None, "auto"),
+                              ("int8", str(default_model_dir), "int8"), ("int4", str(default_model_dir), "int4")):
+        llm = LLM(model, quantization=mode, dtype="bfloat16", num_kv_blocks=32, max_model_len=512)
+        ids = llm.tokenizer.encode(TEXT)
+        out[name] = (teacher_forced_logits(llm, ids), llm.core.runner.weight_bytes, ids)
+        del llm
+    return out
+
+
+def _compare(runs, name):
+    base, _, ids = runs["bf16"]
+    logits, sizes, _ = runs[name]
+    ratio = perplexity(logits, ids) / perplexity(base, ids)
+    agreement = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
+    return ratio, agreement, sizes
+
+
+def test_the_text_is_a_few_hundred_tokens(runs):
+    assert 250 <= len(runs["bf16"][2]) <= 512
+
+
+def test_native_q4_1_packed_is_within_half_a_percent_of_the_dequantized_path(runs):
+    ratio, agreement, sizes = _compare(runs, "packed")
+    assert abs(ratio - 1) < 0.005 and agreement >= 0.9
+    assert set(sizes) >= {"q4_1", "q8_0"} and sizes.get("bf16", 0) < 2**20   # only the norms stay float
+
+
+def test_hf_int8_is_within_one_percent_of_bf16(runs):
+    ratio, agreement, sizes = _compare(runs, "int8")
+    assert abs(ratio - 1) < 0.01 and agreement >= 0.9
+    assert "int8" in sizes
+
+
+def test_hf_int4_is_within_one_percent_of_bf16(runs):
+    ratio, agreement, sizes = _compare(runs, "int4")
+    assert abs(ratio - 1) < 0.01 and agreement >= 0.9
+    assert "int4" in sizes
