@@ -79,6 +79,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         decodes = [r for r in output.scheduled
                    if r.seq.request_id in was_running and r.num_new_tokens == 1 and r.samples]
         assert [r for r in output.scheduled if r.is_decode] == decodes
+        lens = [r.num_new_tokens for r in output.scheduled]   # build_flat_batch relies on this order
+        assert lens == sorted(lens, key=lambda n: n > 1), "one-token rows must lead the step"
         if decodes:   # prefill chunks stay within their share of a step that decodes
             prefill = output.num_batched_tokens - len(decodes)
             assert prefill <= self.scheduler.max_prefill_tokens_with_decodes

@@ -70,13 +70,14 @@ def _step_logits(runner, step) -> "torch.Tensor":
     for rid, tokens, computed, blocks, new in step:
         seq = Sequence(rid, list(tokens), num_computed_tokens=computed, block_table=list(blocks))
         scheduled.append(_scheduled(seq, new))
-    batch = build_flat_batch(scheduled, runner.block_size, runner.device)
+    order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)  # the scheduler's
+    batch = build_flat_batch([scheduled[i] for i in order], runner.block_size, runner.device)
     with torch.inference_mode():
         hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
         logits = runner.model.compute_logits(hidden)
-    # Undo the decodes-first order so rows line up whatever the batch order was.
+    # Undo the decodes-first order so rows line up with `step`.
     return torch.cat([logits[batch.meta.query_start_loc_cpu[r]:batch.meta.query_start_loc_cpu[r + 1]]
-                      for r in sorted(range(len(batch.order)), key=batch.order.__getitem__)])
+                      for r in sorted(range(len(order)), key=order.__getitem__)])
 
 
 def _runner(model_dir: str, dtype: str):

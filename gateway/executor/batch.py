@@ -1,7 +1,10 @@
 """Turn one scheduler step into the flat batch a forward pass consumes: token ids,
-positions, slot mapping, block tables and the attention metadata, decodes first.
+positions, slot mapping, block tables and the attention metadata.
 
-Built with numpy on the host, then one copy per tensor to the device."""
+Rows stay in the order given: the scheduler already puts the one-token rows (decodes)
+first, which AttentionMetadata.num_decodes relies on; a caller that did not is refused
+(ValueError) rather than sorted here a second time. Built with numpy on the host, then one
+copy per tensor to the device."""
 
 from __future__ import annotations
 
@@ -18,18 +21,19 @@ class FlatBatch:
     input_ids: torch.Tensor          # [T]
     positions: torch.Tensor          # [T]
     meta: AttentionMetadata
-    order: list[int]                 # position in the batch → index in scheduler output
     logits_indices: torch.Tensor     # [N] token index whose logits are sampled
-    sample_rows: list[int]           # scheduler-output indices of the N sampled sequences
+    sample_rows: list[int]           # rows (= scheduler-output indices) of the N sampled sequences
 
 
 def build_flat_batch(scheduled, block_size: int, device: torch.device) -> FlatBatch:
-    """`scheduled`: a list of objects with .seq and .num_new_tokens (ScheduledSequence)."""
-    order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
-    num_decodes = sum(1 for i in order if scheduled[i].num_new_tokens == 1)
-    num_seqs = len(order)
-    query_lens = np.fromiter((scheduled[i].num_new_tokens for i in order), np.int64, num_seqs)
-    starts = np.fromiter((scheduled[i].seq.num_computed_tokens for i in order), np.int64, num_seqs)
+    """`scheduled`: a list of objects with .seq and .num_new_tokens (ScheduledSequence),
+    one-token rows first."""
+    num_seqs = len(scheduled)
+    query_lens = np.fromiter((entry.num_new_tokens for entry in scheduled), np.int64, num_seqs)
+    num_decodes = int(np.cumprod(query_lens == 1).sum())   # the leading run of one-token rows
+    if (query_lens[num_decodes:] == 1).any():
+        raise ValueError("build_flat_batch: one-token rows must lead the step (the scheduler's order)")
+    starts = np.fromiter((entry.seq.num_computed_tokens for entry in scheduled), np.int64, num_seqs)
     seq_lens = starts + query_lens
     query_start = np.zeros(num_seqs + 1, np.int64)
     np.cumsum(query_lens, out=query_start[1:])
@@ -38,15 +42,14 @@ def build_flat_batch(scheduled, block_size: int, device: torch.device) -> FlatBa
     block_tables = np.zeros((num_seqs, max_blocks), np.int32)
     input_ids = np.empty(total, np.int64)
     sample_rows, logits_indices = [], []
-    for row, i in enumerate(order):       # the one Python loop per step over sequences
-        entry = scheduled[i]
+    for row, entry in enumerate(scheduled):   # the one Python loop per step over sequences
         seq = entry.seq
         table = seq.block_table[:max_blocks]
         block_tables[row, :len(table)] = table
         lo, hi = int(starts[row]), int(seq_lens[row])
         input_ids[query_start[row]:query_start[row + 1]] = seq.token_ids[lo:hi]
         if hi == seq.num_tokens:
-            sample_rows.append(i)
+            sample_rows.append(row)
             logits_indices.append(int(query_start[row + 1]) - 1)
     # positions and slots, vectorized: token j of row r sits at starts[r] + (j - query_start[r])
     row_of_token = np.repeat(np.arange(num_seqs), query_lens)
@@ -63,5 +66,5 @@ def build_flat_batch(scheduled, block_size: int, device: torch.device) -> FlatBa
         num_decodes=num_decodes, query_start_loc_cpu=query_start.tolist(),
         seq_lens_cpu=seq_lens.tolist())
     return FlatBatch(input_ids=as_tensor(input_ids, torch.int64), positions=as_tensor(positions, torch.int64),
-                     meta=meta, order=order, logits_indices=torch.tensor(logits_indices, device=device),
+                     meta=meta, logits_indices=torch.tensor(logits_indices, device=device),
                      sample_rows=sample_rows)
