@@ -18,7 +18,6 @@ least recently pinned prefix, so pins never starve live requests."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from gateway.engine.errors import RequestRejectedError, check_context_length
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
 from gateway.executor.executor import create_executor
 from gateway.executor.interface import Executor, StepResult
+from gateway.executor.placement import threads_per_rank
 from gateway.models import registry
 from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
 from gateway.scheduler.prefix_pins import PrefixPins
@@ -64,7 +64,7 @@ def _eos_ids(hf_config, tokenizer, gen_defaults: dict) -> set[int]:
 class EngineCore:
     def __init__(self, config: Config):
         self.config = config
-        torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        torch.set_num_threads(threads_per_rank(config))
         if config.model_module:
             registry.load_model_module(config.model_module)
         self.source = resolve_source(config.model, Path(config.cache_dir).expanduser())

@@ -33,7 +33,7 @@ from gateway.executor.interface import Executor, StepResult
 from gateway.executor.messages import InitKVCache, Shutdown, WorkerFailed, WorkerReady, WorkerSpec
 from gateway.executor.model_runner import ModelRunner
 from gateway.executor.parallel import create_communicator, make_spec, resolve_backend
-from gateway.executor.placement import Placement, resolve_placement
+from gateway.executor.placement import Placement, resolve_placement, threads_per_rank
 from gateway.executor.step_deltas import DeltaEncoder
 from gateway.executor.worker import worker_main
 from gateway.models import registry
@@ -52,10 +52,6 @@ def create_executor(config: Config, source: ModelSource, hf_config, eos_token_id
     if config.tensor_parallel_size == 1:
         return ModelRunner(config, source, hf_config, eos_token_ids, placement=placement)
     return TensorParallelExecutor(config, source, hf_config, eos_token_ids, placement)
-
-
-def threads_per_rank(config: Config) -> int:
-    return config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
 def _slot_bytes(config: Config, arch, world_size: int) -> int:

@@ -1,11 +1,13 @@
 """Where and in what precision the model runs: `resolve_placement(config, hf_config)` is the
-one place --device and --dtype are turned into a torch device and dtype. create_executor
+one place --device and --dtype are turned into a torch device and dtype, and
+`threads_per_rank(config)` the one place --num-threads gets its default (cores // tp). create_executor
 calls it once; tensor-parallel workers receive the driver's answer in their WorkerSpec
 rather than resolving again, so every rank computes on the same kind of device in the
 same dtype."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +54,8 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def threads_per_rank(config: Config) -> int:
+    """Compute threads of each rank: --num-threads, or the cores shared out among the ranks."""
+    return config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
