@@ -2,7 +2,8 @@
 
 Two targets: a small exporter process (this file, run as `python tests/test_prometheus.py
 PORT K`) serving ServerMetrics.render() after K synthetic requests, which tests the
-exposition on its own; and the real `gateway serve`, once the engine and HTTP layer exist.
+exposition on its own; and the real `gateway serve` (bench/server_process.py), which runs
+wherever the CLI has a `serve` command (a capability check, not a grep of the source).
 Prometheus comes from Debian's package via scripts/get_prometheus.sh (cached in .tools/).
 
 promtool lints two things we keep on purpose, because vLLM's names have them and dashboards
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 # ---------------------------------------------------------------- process helpers
 
-from procs import free_port, stop, wait_http  # noqa: E402  (shared process helpers)
+from procs import free_port, gateway_serve_available, stop, wait_http  # noqa: E402  (shared process helpers)
 
 
 @pytest.fixture(scope="session")
@@ -158,51 +159,38 @@ def test_prometheus_scrapes_the_synthetic_exposition(prom_bin, tmp_path):
 
 # ---------------------------------------------------------------- the real server
 
-def real_server_exists() -> bool:
-    def defines(rel: str, name: str) -> bool:
-        path = ROOT / rel
-        text = path.read_text() if path.exists() else ""
-        return f"def {name}(" in text or f"class {name}" in text
-
-    return (defines("gateway/engine/async_engine.py", "AsyncEngine")
-            and defines("gateway/api/app.py", "build_app"))
-
-
-@pytest.mark.skipif(not real_server_exists(), reason="AsyncEngine / build_app not written yet")
+@pytest.mark.skipif(not gateway_serve_available(), reason="this gateway has no `serve` command")
 def test_prometheus_scrapes_the_real_gateway(prom_bin, tmp_path):
     from openai import OpenAI
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
-                               "127.0.0.1", "--port", str(port), "--metrics-compat", "vllm"],
-                              cwd=ROOT)
+    from server_process import ServerProcess   # bench/, on the path via conftest (this file also
+                                               # runs as a script, the synthetic exporter)
     prom = None
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", server, timeout=300)
-        prom = Prometheus(prom_bin, port, tmp_path)
-        prom.wait_for('up{job="gateway"}', 1.0)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
-        model = client.models.list().data[0].id
-        prompt_tokens = completion_tokens = 0
-        for i in range(K):
-            reply = client.chat.completions.create(
-                model=model, max_tokens=4, temperature=0,
-                messages=[{"role": "user", "content": f"Count to {i + 3}."}])
-            prompt_tokens += reply.usage.prompt_tokens
-            completion_tokens += reply.usage.completion_tokens
-        for prefix in ("gateway:", "vllm:"):
-            prom.wait_for(f"sum({prefix}request_success_total)", K)
-            assert prom.scalar(f"sum({prefix}e2e_request_latency_seconds_count)") == K
-            assert prom.scalar(f"sum({prefix}time_to_first_token_seconds_count)") == K
-            assert prom.scalar(f"sum({prefix}generation_tokens_total)") == completion_tokens
-            assert prom.scalar(f"sum({prefix}prompt_tokens_total)") == prompt_tokens
-            assert prom.scalar(f"sum({prefix}iteration_tokens_total_count)") > 0
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert promtool_problems(prom_bin, text) == []
-    finally:
-        if prom is not None:
-            stop(prom.proc)
-        stop(server)
+    with ServerProcess(["--metrics-compat", "vllm"], start_timeout_s=300, stop_timeout_s=30) as server:
+        port = server.port
+        try:
+            prom = Prometheus(prom_bin, port, tmp_path)
+            prom.wait_for('up{job="gateway"}', 1.0)
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
+            model = client.models.list().data[0].id
+            prompt_tokens = completion_tokens = 0
+            for i in range(K):
+                reply = client.chat.completions.create(
+                    model=model, max_tokens=4, temperature=0,
+                    messages=[{"role": "user", "content": f"Count to {i + 3}."}])
+                prompt_tokens += reply.usage.prompt_tokens
+                completion_tokens += reply.usage.completion_tokens
+            for prefix in ("gateway:", "vllm:"):
+                prom.wait_for(f"sum({prefix}request_success_total)", K)
+                assert prom.scalar(f"sum({prefix}e2e_request_latency_seconds_count)") == K
+                assert prom.scalar(f"sum({prefix}time_to_first_token_seconds_count)") == K
+                assert prom.scalar(f"sum({prefix}generation_tokens_total)") == completion_tokens
+                assert prom.scalar(f"sum({prefix}prompt_tokens_total)") == prompt_tokens
+                assert prom.scalar(f"sum({prefix}iteration_tokens_total_count)") > 0
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert promtool_problems(prom_bin, text) == []
+        finally:
+            if prom is not None:
+                stop(prom.proc)
 
 
 if __name__ == "__main__":   # the synthetic exporter, for the first test
