@@ -13,6 +13,12 @@ Kinds, with their share of the rest of the plan and the outcome each must have:
   drop 10%                  a stream the client closes after 1-4 frames (or that ends first)
   deadline 4%               X-Request-Timeout 0.05-0.5 s: finished, 408, or a request_timeout frame
   bad_json, unknown_param, too_long (prompt 520-700 tokens), bad_logit_bias 5% each: 400
+  extreme (0% here)         sampling values at or past their limits (repetition_penalty 1e-46
+                            or 1e39, temperature 1e39 with min_tokens, penalty and logit_bias
+                            extremes, top_p 1e-46, ...): 200 and finished, or 400; never 5xx
+MIXES holds other shares by name: "issue21" is the 30-minute soak's mix (10% dropped streams,
+2% malformed bodies, 1% extreme parameters, the rest valid). iter_plan() yields a plan without
+end (for soak.py --duration); build_plan() takes its first num_requests.
 Completion prompts are token ids of exact lengths (short 8-48, medium 64-192, long 256-440),
 chat prompts are words; max_tokens 4-32, so nothing valid exceeds --max-model-len 512.
 No side effects beyond the HTTP requests themselves."""
@@ -20,7 +26,9 @@ No side effects beyond the HTTP requests themselves."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -31,6 +39,22 @@ PRESSURE_BURST = 34
 SERVER_ERROR_TYPES = {"InternalServerError", "ServiceUnavailableError"}
 KINDS = {"completion": 36, "chat": 30, "drop": 10, "deadline": 4,
          "bad_json": 5, "unknown_param": 5, "too_long": 5, "bad_logit_bias": 5}
+MIXES = {"default": KINDS,
+         "issue21": {"completion": 45, "chat": 40, "drop": 10, "bad_json": 2, "extreme": 1},
+         "extreme": {"completion": 50, "extreme": 50}}
+# One or two of these per extreme request. In range (200 expected) and out of range (400
+# naming the field): the values that overflowed float32 and once killed the engine included.
+EXTREMES = {
+    "repetition_penalty": [1e-46, 1e39, 0.01, 100, 0, -1],
+    "temperature": [1e39, 100, 1e-46, 0, -1e-46],
+    "frequency_penalty": [-2, 2, 1e39, -1e39, 1e-46],
+    "presence_penalty": [-2, 2, 1e39, -1e39, 1e-46],
+    "top_p": [1e-46, 1, 0, 1e39],
+    "min_p": [0, 1, 1e-46, 1e39],
+    "top_k": [1, -1, 2**62, -(2**62)],
+    "logit_bias": [{"5": 100}, {"5": -100, "6": 100}, {"5": 1e39}, {"5": -1e39}, {"5": 1e-46}],
+    "seed": [2**63 - 200, -(2**63), 2**63],
+}
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
          "matches near old rivers under bright autumn stars and distant mountains").split()
 
@@ -80,6 +104,8 @@ class Result:
         if self.kind == "deadline":
             return self.status == 408 or (self.status == 200 and (self.outcome == "completed"
                                                                  or self.frame_error == "request_timeout"))
+        if self.kind == "extreme":
+            return self.status == 400 or (self.status == 200 and self.outcome == "completed")
         return self.status == 400
 
 
@@ -122,33 +148,60 @@ def _invalid(kind: str, rng: random.Random) -> Item:
     return Item(kind, "/v1/completions", body, stream=rng.random() < 0.3)
 
 
+def _extreme(rng: random.Random) -> Item:
+    """A valid chat or completion request with one or two sampling fields at an extreme;
+    temperature 1e39 comes with min_tokens 2 (finding 8's variant)."""
+    item = _valid("extreme", rng, stream=rng.random() < 0.5)
+    for name in rng.sample(sorted(EXTREMES), rng.choice([1, 2])):
+        item.body[name] = rng.choice(EXTREMES[name])
+        if name == "temperature" and item.body[name] == 1e39:
+            item.body["min_tokens"] = min(2, item.body["max_tokens"])
+    return item
+
+
 def _pressure(rng: random.Random) -> Item:
     body = {"prompt": [rng.randrange(100, 20000) for _ in range(160)], "max_tokens": 64,
             "ignore_eos": True, "temperature": 0.0}
     return Item("pressure", "/v1/completions", body)
 
 
-def build_plan(num_requests: int, seed: int = 0) -> list[Item]:
-    """PRESSURE_BURST pressure items first (fewer if the plan is shorter), then the mix of KINDS."""
+def _item(kind: str, rng: random.Random) -> Item:
+    if kind in ("completion", "chat"):
+        return _valid(kind, rng, stream=rng.random() < 0.5)
+    if kind == "drop":
+        item = _valid(kind, rng, stream=True)
+        item.body["max_tokens"] = rng.randint(16, 32)
+        item.drop_after = rng.randint(1, 4)
+        return item
+    if kind == "deadline":
+        item = _valid(kind, rng, stream=rng.random() < 0.5)
+        item.body["max_tokens"] = 32
+        item.headers["X-Request-Timeout"] = f"{rng.uniform(0.05, 0.5):.3f}"
+        return item
+    if kind == "extreme":
+        return _extreme(rng)
+    return _invalid(kind, rng)
+
+
+def iter_plan(seed: int = 0, kinds: dict[str, float] | None = None, burst: int = PRESSURE_BURST) -> Iterator[Item]:
+    """burst pressure items, then items of `kinds` (default KINDS) drawn by weight, forever."""
+    kinds = KINDS if kinds is None else kinds
     rng = random.Random(seed)
-    plan = [_pressure(rng) for _ in range(min(PRESSURE_BURST, num_requests))]
-    kinds = rng.choices(list(KINDS), weights=list(KINDS.values()), k=num_requests - len(plan))
-    for kind in kinds:
-        if kind in ("completion", "chat"):
-            plan.append(_valid(kind, rng, stream=rng.random() < 0.5))
-        elif kind == "drop":
-            item = _valid(kind, rng, stream=True)
-            item.body["max_tokens"] = rng.randint(16, 32)
-            item.drop_after = rng.randint(1, 4)
-            plan.append(item)
-        elif kind == "deadline":
-            item = _valid(kind, rng, stream=rng.random() < 0.5)
-            item.body["max_tokens"] = 32
-            item.headers["X-Request-Timeout"] = f"{rng.uniform(0.05, 0.5):.3f}"
-            plan.append(item)
-        else:
-            plan.append(_invalid(kind, rng))
-    return plan
+    for _ in range(burst):
+        yield _pressure(rng)
+    names, weights = list(kinds), list(kinds.values())
+    while True:
+        yield _item(rng.choices(names, weights=weights)[0], rng)
+
+
+def build_plan(num_requests: int, seed: int = 0, kinds: dict[str, float] | None = None) -> list[Item]:
+    """PRESSURE_BURST pressure items first (fewer if the plan is shorter), then the mix of KINDS."""
+    if kinds is None or kinds is KINDS:   # the draws the default plan has always had (one choices() call)
+        rng = random.Random(seed)
+        plan = [_pressure(rng) for _ in range(min(PRESSURE_BURST, num_requests))]
+        kinds = rng.choices(list(KINDS), weights=list(KINDS.values()), k=num_requests - len(plan))
+        return plan + [_item(kind, rng) for kind in kinds]
+    return list(itertools.islice(iter_plan(seed, kinds, min(PRESSURE_BURST, num_requests)), num_requests))
 
 
 async def _plain(client: httpx.AsyncClient, item: Item, result: Result, content: bytes,
