@@ -1,0 +1,137 @@
+"""Quantized weights kept packed: the PackedWeight type, packing (GGUF blocks as stored, or a
+float weight quantized to int8 / int4 at load), row slicing and merging, and the two products
+the models call, quant_linear and quant_embedding.
+
+`dequantize` is THE reference: every kernel result is checked against it (tests/
+test_quant_kernels.py). The data layout (16 output rows per tile, float16 scales and mins) is
+described in quant_layout.py; callers treat PackedWeight.data as opaque. quant_linear runs the C
+kernels (cpu/quant_gemv.c through cpu_ops) where they apply and otherwise this module's torch
+reference (dequantize, then matmul), so results never depend on whether the C build succeeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gateway.kernels import quant_layout as layout
+
+GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
+QTYPES = GGUF_QTYPES | {"int8", "int4"}
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    qtype: str                     # "q8_0" | "q4_0" | "q4_1" | "q4_k" | "q6_k" | "int8" | "int4"
+    shape: tuple[int, int]         # (out_features N, in_features K) of the logical float weight
+    data: dict[str, torch.Tensor]  # the kernels' layout (quant_layout.py)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+
+def _packed(qtype: str, shape, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> PackedWeight:
+    return PackedWeight(qtype, (int(shape[0]), int(shape[1])), layout.tile(qtype, codes, d, m))
+
+
+def pack_gguf(qtype: str, raw: np.ndarray, shape: tuple[int, int]) -> PackedWeight:
+    """A GGUF tensor's bytes as stored (N rows of K/block ggml blocks) → the kernels' layout."""
+    if qtype not in GGUF_QTYPES:
+        raise ValueError(f"pack_gguf: {qtype!r} is not kept packed (one of {sorted(GGUF_QTYPES)})")
+    codes, d, m = layout.parse_gguf(qtype, raw, tuple(shape))
+    return _packed(qtype, shape, torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(d),
+                   None if m is None else torch.from_numpy(m))
+
+
+def _pad_k(w: torch.Tensor, value: float) -> torch.Tensor:
+    return F.pad(w, (0, (-w.shape[1]) % 32), value=value)
+
+
+def quantize(weight: torch.Tensor, qtype: str) -> PackedWeight:
+    """int8: symmetric per output channel; int4: groups of 32 along K with scale and min. The
+    scales are rounded to float16 first and the codes computed with the rounded scales."""
+    w = weight.detach().float().cpu()
+    if w.dim() != 2:
+        raise ValueError(f"quantize: a 2-d weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if qtype == "int8":
+        s = (w.abs().amax(1, keepdim=True) / 127).to(torch.float16).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        codes = (torch.round(_pad_k(w, 0.0) / s).clamp(-127, 127) + 128).to(torch.uint8)
+        return _packed("int8", w.shape, codes, s.expand(n, codes.shape[1] // 32), None)
+    if qtype == "int4":
+        g = _pad_k(w, float("nan")).view(n, -1, 32)
+        lo = torch.nan_to_num(g, nan=float("inf")).amin(-1, keepdim=True)
+        hi = torch.nan_to_num(g, nan=float("-inf")).amax(-1, keepdim=True)
+        m = lo.to(torch.float16).float()
+        d = ((hi - m) / 15).to(torch.float16).float()
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        codes = torch.round((torch.nan_to_num(g, nan=0.0) - m) / d).clamp(0, 15)
+        codes = torch.where(torch.isnan(g), torch.zeros_like(codes), codes)   # pad columns: code 0
+        return _packed("int4", w.shape, codes.to(torch.uint8).view(n, -1), d[..., 0], m[..., 0])
+    raise ValueError(f"quantize: unknown qtype {qtype!r} (int8 or int4)")
+
+
+def dequantize(pw: PackedWeight) -> torch.Tensor:
+    """float32 [N, K]: the logical weight, the reference every kernel is compared against."""
+    n, k = pw.shape
+    codes, d, m = layout.untile(pw.qtype, pw.data, n)
+    block = layout.BLOCK[pw.qtype]
+    d = d.float().repeat_interleave(block, dim=1)
+    if m is None:
+        w = (codes.float() - layout.W8_OFFSET[pw.qtype]) * d
+    else:
+        w = codes.float() * d + m.float().repeat_interleave(block, dim=1)
+    return w[:, :k].contiguous()
+
+
+def slice_rows(pw: PackedWeight, start: int, length: int) -> PackedWeight:
+    """Rows [start, start + length): whole tiles are sliced as they are, else re-tiled."""
+    n, k = pw.shape
+    if not (0 <= start and length >= 1 and start + length <= n):
+        raise ValueError(f"slice_rows: rows [{start}, {start + length}) of {n}")
+    if start % layout.TILE == 0 and (length % layout.TILE == 0 or start + length == n):
+        t0, t1 = start // layout.TILE, -(-(start + length) // layout.TILE)
+        return PackedWeight(pw.qtype, (length, k), {key: v[t0:t1].clone() for key, v in pw.data.items()})
+    codes, d, m = layout.untile(pw.qtype, pw.data, n)
+    rows = slice(start, start + length)
+    return _packed(pw.qtype, (length, k), codes[rows], d[rows], None if m is None else m[rows])
+
+
+def concat_rows(pws: list[PackedWeight]) -> PackedWeight:
+    """Row-wise concatenation (merged q|k|v, gate|up) of weights of one qtype and one K."""
+    if not pws or len({(p.qtype, p.shape[1]) for p in pws}) != 1:
+        raise ValueError("concat_rows: one or more weights of the same qtype and in_features")
+    qtype, k, n = pws[0].qtype, pws[0].shape[1], sum(p.shape[0] for p in pws)
+    if all(p.shape[0] % layout.TILE == 0 for p in pws[:-1]):
+        return PackedWeight(qtype, (n, k), {key: torch.cat([p.data[key] for p in pws]) for key in pws[0].data})
+    parts = [layout.untile(qtype, p.data, p.shape[0]) for p in pws]
+    m = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
+    return _packed(qtype, (n, k), torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), m)
+
+
+def reference_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch reference of quant_linear: dequantize, then an fp32 matmul."""
+    y = F.linear(x.float(), dequantize(pw), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def _check_linear(x: torch.Tensor, pw: PackedWeight) -> None:
+    if x.dim() != 2 or x.shape[1] != pw.shape[1]:
+        raise ValueError(f"quant_linear: x {tuple(x.shape)} against a weight {pw.shape}")
+
+
+def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype."""
+    _check_linear(x, pw)
+    return reference_linear(x, pw, bias)
+
+
+def quant_embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of a packed [vocab, hidden] table, dequantized into `dtype`: [T, hidden]."""
+    ids = ids.reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= pw.shape[0]):
+        raise IndexError(f"quant_embedding: ids outside [0, {pw.shape[0]})")
+    return layout.rows_of(pw.qtype, pw.data, ids)[:, :pw.shape[1]].to(dtype)

@@ -1,0 +1,133 @@
+"""gateway.kernels.quant: GGUF blocks packed and dequantized equal gguf-py's numpy dequantize
+(the oracle: ggml's formats), int8/int4 quantization error bounds, row slicing and merging, and
+every product (quant_linear, quant_embedding) against the torch reference over odd shapes."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from gateway.kernels import quant
+from gateway.kernels.quant_layout import GGUF_BLOCK_BYTES
+
+SEED = 1234
+GGUF_TYPES = sorted(quant.GGUF_QTYPES)
+ALL_TYPES = GGUF_TYPES + ["int8", "int4"]
+# where a ggml field is a float16 scale: (byte offset in the block, magnitude)
+F16_FIELDS = {"q8_0": [(0, 0.05)], "q4_0": [(0, 0.05)], "q4_1": [(0, 0.05), (2, 0.5)],
+              "q4_k": [(0, 0.01), (2, 0.01)], "q6_k": [(208, 0.002)]}
+
+
+def random_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """N rows of random ggml blocks: random bytes, with every float16 field finite and small."""
+    per, nbytes = GGUF_BLOCK_BYTES[qtype]
+    b = rng.integers(0, 256, size=(n, k // per, nbytes), dtype=np.uint8)
+    for offset, scale in F16_FIELDS[qtype]:
+        v = rng.uniform(-scale, scale, size=(n, k // per)).astype(np.float16)
+        b[..., offset:offset + 2] = v.view(np.uint8).reshape(n, k // per, 2)
+    return b.reshape(n, -1)
+
+
+def oracle(qtype: str, raw: np.ndarray, n: int, k: int) -> np.ndarray:
+    return gguf_dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype.upper())).reshape(n, k)
+
+
+def packed(qtype: str, n: int, k: int, seed: int = SEED) -> quant.PackedWeight:
+    if qtype in ("int8", "int4"):
+        return quant.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05, qtype)
+    return quant.pack_gguf(qtype, random_blocks(qtype, n, k, np.random.default_rng(seed)), (n, k))
+
+
+def k_for(qtype: str, k: int) -> int:
+    """K rounded up to what the type allows (the K-quants need whole 256-value super-blocks)."""
+    per = GGUF_BLOCK_BYTES.get(qtype, (1, 0))[0]
+    return -(-k // per) * per
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+@pytest.mark.parametrize("n,k", [(1, 256), (37, 512), (16, 768), (50, 1536)])
+def test_pack_gguf_dequantizes_like_ggml(qtype, n, k):
+    raw = random_blocks(qtype, n, k, np.random.default_rng(n * k))
+    pw = quant.pack_gguf(qtype, raw, (n, k))
+    got, ref = quant.dequantize(pw).numpy(), oracle(qtype, raw, n, k)
+    assert got.shape == (n, k) and got.dtype == np.float32
+    if qtype in ("q8_0", "q4_0", "q4_1"):
+        np.testing.assert_array_equal(got, ref)      # float16 scales kept as stored: exact
+    else:   # d * sub-block scale (and q4_k's min) rounded to float16: 2^-11 relative
+        blocks = ref.reshape(n, -1, 32 if qtype == "q4_k" else 16)
+        spread = blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)
+        bound = 2.0 ** -10 * (np.abs(blocks).max(-1, keepdims=True) + 2 * spread) + 1e-7
+        assert (np.abs(got - ref).reshape(blocks.shape) <= bound).all()
+    assert pw.nbytes() <= raw.nbytes * 1.4 * -(-n // 16) * 16 / n     # still packed (q6_k: 8-bit codes)
+
+
+def test_pack_gguf_refuses_unknown_types_and_split_blocks():
+    with pytest.raises(ValueError):
+        quant.pack_gguf("q5_k", np.zeros(176, np.uint8), (1, 256))
+    with pytest.raises(ValueError):
+        quant.pack_gguf("q4_k", np.zeros(144, np.uint8), (2, 128))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (50, 77), (64, 576)])
+def test_int8_per_channel_error_is_half_a_step(n, k):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)) * torch.rand(n, 1) * 3
+    pw = quant.quantize(w, "int8")
+    err = (quant.dequantize(pw) - w).abs()
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert (err <= step * 0.502 + 1e-7).all()
+    assert pw.nbytes() == -(-n // 16) * 16 * -(-k // 32) * 32 * (1 + 2 / 32)   # a byte a weight + a f16 scale per 32
+
+
+@pytest.mark.parametrize("n,k", [(1, 5), (9, 33), (50, 77), (64, 576)])
+def test_int4_group_error_is_half_a_step(n, k):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+    pw = quant.quantize(w, "int4")
+    err = (quant.dequantize(pw) - w).abs()
+    padded = torch.nn.functional.pad(w, (0, (-k) % 32), value=float("nan")).view(n, -1, 32)
+    step = (padded.nan_to_num(-1e9).amax(-1) - padded.nan_to_num(1e9).amin(-1)) / 15
+    bound = step.repeat_interleave(32, dim=1)[:, :k] * 0.51 + 1e-3 * w.abs().amax()
+    assert (err <= bound).all()
+
+
+def test_quantize_refuses_bad_input():
+    with pytest.raises(ValueError):
+        quant.quantize(torch.randn(4, 4), "int3")
+    with pytest.raises(ValueError):
+        quant.quantize(torch.randn(4), "int8")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_slice_and_concat_rows_match_the_dequantized_rows(qtype):
+    n, k = 53, k_for(qtype, 96)
+    pw = packed(qtype, n, k)
+    full = quant.dequantize(pw)
+    for start, length in ((0, 16), (16, 37), (5, 20), (0, 53), (52, 1), (3, 50)):
+        part = quant.slice_rows(pw, start, length)
+        assert part.shape == (length, k) and part.qtype == qtype
+        torch.testing.assert_close(quant.dequantize(part), full[start:start + length], rtol=0, atol=0)
+    pieces = [quant.slice_rows(pw, 0, 5), quant.slice_rows(pw, 5, 27), quant.slice_rows(pw, 32, 21)]
+    torch.testing.assert_close(quant.dequantize(quant.concat_rows(pieces)), full, rtol=0, atol=0)
+    aligned = [quant.slice_rows(pw, 0, 32), quant.slice_rows(pw, 32, 21)]
+    torch.testing.assert_close(quant.dequantize(quant.concat_rows(aligned)), full, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        quant.slice_rows(pw, 50, 4)
+
+
+def test_concat_refuses_mixed_types():
+    with pytest.raises(ValueError):
+        quant.concat_rows([packed("q8_0", 16, 64), packed("q4_0", 16, 64)])
+    with pytest.raises(ValueError):
+        quant.concat_rows([packed("q8_0", 16, 64), packed("q8_0", 16, 96)])
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_embedding_reads_dequantized_rows(qtype, dtype):
+    pw = packed(qtype, 70, k_for(qtype, 64))
+    ids = torch.tensor([0, 69, 16, 15, 33, 33])
+    got = quant.quant_embedding(ids, pw, dtype)
+    assert got.dtype == dtype and got.shape == (6, pw.shape[1])
+    torch.testing.assert_close(got, quant.dequantize(pw)[ids].to(dtype), rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        quant.quant_embedding(torch.tensor([70]), pw, dtype)
