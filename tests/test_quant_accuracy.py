@@ -41,14 +41,18 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def runs(default_model_dir):
-    """quantization mode → (logits, weight bytes by type); each model built and dropped in turn."""
+    """quantization mode → (logits, weight bytes by type); each model built and dropped in turn.
+    `auto` serves a GGUF packed only with native kernels: the packed run forces it here, so the
+    loading, merging and un-permuting are checked through the torch reference too."""
     out = {}
+    native, quant.NATIVE_KERNELS = quant.NATIVE_KERNELS, True
     for name, model, mode in (("bf16", None, "none"), ("packed", None, "auto"),
                               ("int8", str(default_model_dir), "int8"), ("int4", str(default_model_dir), "int4")):
         llm = LLM(model, quantization=mode, dtype="bfloat16", num_kv_blocks=32, max_model_len=512)
         ids = llm.tokenizer.encode(TEXT)
         out[name] = (teacher_forced_logits(llm, ids), llm.core.runner.weight_bytes, ids)
         del llm
+    quant.NATIVE_KERNELS = native
     return out
 
 

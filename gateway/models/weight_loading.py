@@ -42,6 +42,10 @@ def load_model_weights(model: nn.Module, source: ModelSource, dtype: torch.dtype
         log.info("%s: no quantized kernels in this build (gateway.kernels.quant); weights dequantized",
                  source.gguf_file.name)
         packed_gguf = False
+    if packed_gguf and not quant.NATIVE_KERNELS:
+        log.info("%s: the quantized kernels run through the torch reference in this build; "
+                 "weights dequantized", source.gguf_file.name)
+        packed_gguf = False
     if packed_gguf and device.type != "cpu":
         log.info("%s: the %s path keeps GGUF weights dequantized", source.gguf_file.name, device.type)
         packed_gguf = False
