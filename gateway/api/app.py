@@ -27,6 +27,7 @@ from gateway.api.openapi import build_openapi
 from gateway.api.pipeline import Pipeline, guarded, read_json
 from gateway.api.sessions import SessionRoutes
 from gateway.api.shapers import CHAT, COMPLETION
+from gateway.api.web_ui import web_ui_routes
 from gateway.config import Config
 from gateway.engine.client import EngineClient
 
@@ -169,6 +170,7 @@ def build_app(engine: EngineClient, config: Config, metrics=None) -> Starlette:
         Route("/metrics", api.metrics_route, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         *sessions.routes(),
+        *web_ui_routes(config),
     ]
     return Starlette(routes=routes, middleware=build_middleware(config), lifespan=lifespan,
                      exception_handlers={HTTPException: _http_error, Exception: _internal_error})

@@ -69,7 +69,7 @@ def _page(assets: dict[str, _Static]) -> _Static:
 
 
 def web_ui_routes(config: Config) -> list[BaseRoute]:
-    if not getattr(config, "web_ui", True):
+    if not config.web_ui:
         return []
     assets = {name: _Static(_read(name), kind, versioned=True) for name, kind in ASSETS.items()}
     routes: list[BaseRoute] = [Route("/", _page(assets).respond, methods=["GET", "HEAD"])]
