@@ -172,14 +172,23 @@ def test_a_forward_fault_ends_every_in_flight_request_with_an_error(tiny_llama_d
     body = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
     async def main(live: LiveServer):
+        execute = live.engine.core.runner.execute
+
+        def slowed(scheduled):   # 200 tokens take >= 4 s, so the streams outlive a late plain post
+            time.sleep(0.02)
+            return execute(scheduled)
+        live.engine.core.runner.execute = slowed
+
+        async def until_two_wait():
+            while live.engine.num_waiting() < 2:   # two plain ones wait: max_num_seqs is 3
+                await asyncio.sleep(0.01)
+
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
             running = [asyncio.Event() for _ in range(3)]
             streams = [asyncio.create_task(stream(client, "/v1/completions", body, first_token=e)) for e in running[:2]]
             plain = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(3)]
             await asyncio.gather(*(e.wait() for e in running[:2]))
-            while live.engine.num_waiting() < 2:   # two plain ones wait: max_num_seqs is 3
-                await asyncio.sleep(0.01)
-            execute = live.engine.core.runner.execute
+            await asyncio.wait_for(until_two_wait(), 30)
 
             def broken(scheduled):
                 raise ForwardFault("injected forward failure")
