@@ -12,18 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gateway.kernels import quant_cpu
 from gateway.kernels import quant_layout as layout
 
 GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
-_IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
 # False while quant_linear runs through the torch reference (a dequantize per call, slower than
 # the bf16 path): weight loading keeps `--quantization auto` dequantized until C kernels back it.
 NATIVE_KERNELS = False
@@ -130,16 +126,9 @@ def _check_linear(x: torch.Tensor, pw: PackedWeight) -> None:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} against a weight {pw.shape}")
 
 
-def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-                 impl: str | None = None) -> torch.Tensor:
-    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype. impl: "c" (the C kernels,
-    falling back to the reference where they do not apply) or "torch" (the reference); None
-    takes GATEWAY_QUANT_KERNELS as read at import (default "c")."""
+def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype."""
     _check_linear(x, pw)
-    if (impl or _IMPL) == "c":
-        out = quant_cpu.linear(x, pw.qtype, pw.shape, pw.data, bias)
-        if out is not None:
-            return out
     return reference_linear(x, pw, bias)
 
 
