@@ -12,7 +12,9 @@ Three layers, each ending with a valid request that must succeed:
 Plus: /openapi.json describes every route the app serves."""
 
 import json
+import os
 import re
+from collections import Counter
 
 import httpx
 import orjson
@@ -28,6 +30,11 @@ from live_server import LiveServer
 from test_api_app import FakeEngine, chat_body
 
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# The long run (issue 21's note), against the default model instead of the tiny one:
+#   GATEWAY_FUZZ_EXAMPLES=5000 GATEWAY_FUZZ_MODEL=default python -m pytest -q -s tests/test_fuzz_api.py -k real
+LIVE_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "50"))
+LIVE_DEFAULT_MODEL = os.environ.get("GATEWAY_FUZZ_MODEL") == "default"
+LIVE_STATUSES: Counter = Counter()
 ERROR_KEYS = {"message", "type", "param", "code"}
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
 
@@ -106,7 +113,7 @@ def test_the_fake_server_still_serves_after_the_fuzzing():
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
-    with LiveServer(model=str(tiny_llama_dir), num_kv_blocks=48, block_size=16, max_model_len=128,
+    with LiveServer(model=None if LIVE_DEFAULT_MODEL else str(tiny_llama_dir), num_kv_blocks=48, block_size=16, max_model_len=128,
                     max_num_seqs=8) as server:
         yield server
 
@@ -146,19 +153,21 @@ def _nasty_ints(lo: int, hi: int):
 # Mostly in range, so that requests reach the engine; a third anywhere near or past the edges.
 plausible = _requests(st.integers(0, 49151), lambda lo, hi: st.text(min_size=lo, max_size=hi), _floats,
                       st.integers, st.integers(0, 49151).map(str))
+EXTREMES = st.sampled_from([1e-46, -1e-46, 1e39, -1e39, 1e300, -1e300, 2.0**31, -(2.0**63)])
 nasty = _requests(st.integers(-3, 70000), lambda lo, hi: st.text(max_size=hi),
-                  lambda lo, hi: _floats(lo - 1, hi + 1), _nasty_ints,
+                  lambda lo, hi: _floats(lo - 1, hi + 1) | EXTREMES, _nasty_ints,
                   st.integers(-3, 70000).map(str) | st.text(max_size=3))
 requests = plausible | plausible | nasty
 deadlines = st.none() | st.none() | st.sampled_from(["0.001", "0.05", "30", "x", "-1", "1e400"])
 
 
-@settings(max_examples=50, **SETTINGS)
+@settings(max_examples=LIVE_EXAMPLES, **SETTINGS)
 @given(request=requests, deadline=deadlines)
 def test_nasty_generation_bodies_never_get_a_server_error_from_the_real_engine(live, request, deadline):
     route, body = request
     headers = {} if deadline is None else {"X-Request-Timeout": deadline}
     response = httpx.post(live.url + route, json=body, headers=headers, timeout=60)
+    LIVE_STATUSES[response.status_code] += 1
     check_answer(response.status_code, response.content, response.headers.get("content-type", ""))
     if response.status_code == 200 and body.get("stream") is True:
         check_stream(response.content)
@@ -169,3 +178,4 @@ def test_the_real_server_still_serves_after_the_fuzzing_with_an_empty_kv_cache(l
     response = httpx.post(live.url + "/v1/completions", json=body)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
     assert live.engine.is_alive and live.blocks_in_use() == 0
+    print(f"\nlive fuzz: {sum(LIVE_STATUSES.values())} requests, statuses {dict(sorted(LIVE_STATUSES.items()))}")
