@@ -131,3 +131,92 @@ def test_quant_embedding_reads_dequantized_rows(qtype, dtype):
     torch.testing.assert_close(got, quant.dequantize(pw)[ids].to(dtype), rtol=0, atol=0)
     with pytest.raises(IndexError):
         quant.quant_embedding(torch.tensor([70]), pw, dtype)
+
+
+# quant_linear: the C kernels (int8 activations per weight block, vpdpbusd) against the reference
+
+
+def linear_case(qtype, m, n, k, dtype, seed=0):
+    pw = packed(qtype, n, k, seed=seed + n)
+    gen = torch.Generator().manual_seed(seed + m)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    return pw, x, bias
+
+
+def check_against_reference(pw, x, bias, out):
+    """out == the reference on x as the kernel quantizes it (fp32 summation order aside), and
+    within the activation rounding's own bound of the reference on x itself."""
+    block = quant.layout.BLOCK[pw.qtype]
+    w = quant.dequantize(pw)
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], pw.shape[0])
+    emulated = torch.nn.functional.linear(quant.fake_quant_activations(x, block), w, bias.float())
+    exact = torch.nn.functional.linear(x.float(), w, bias.float())
+    scale = w.abs() @ x.float().abs().t()                            # [N, M]: sum |w x|
+    rel = 2.0 ** -7 if x.dtype == torch.bfloat16 else 1e-5           # the output's own rounding
+    xf = x.float()
+    g = torch.nn.functional.pad(xf, (0, (-xf.shape[1]) % block)).view(xf.shape[0], -1, block)
+    half_step = (g.abs().amax(-1, keepdim=True) / 254).expand_as(g).reshape(xf.shape[0], -1)[:, :xf.shape[1]]
+    tie = 2 * (half_step[:, None, :] * w.abs()[None]).amax(-1)     # a tie x.5 rounded the other way
+    slack = rel * (emulated.abs() + bias.float().abs()) + 1e-5 * scale.t() + 1e-6
+    assert ((out.float() - emulated).abs() <= slack + tie).all()
+    bound = half_step @ w.abs().t()                                   # |W| |x - x_q|
+    assert ((out.float() - exact).abs() <= bound * 1.001 + slack + tie).all()
+
+
+C_KERNELS = pytest.mark.skipif(quant.quant_cpu.linear(torch.zeros(1, 32), "int8", (1, 32),
+                                                       quant.quantize(torch.ones(1, 32), "int8").data, None) is None,
+                               reason="no C quantized kernels on this machine (no compiler or no AVX512-VNNI)")
+SHAPES_BY_TYPE = {"q8_0": [(17, 96), (50, 32)], "q4_0": [(33, 160), (16, 64)], "q4_1": [(1, 32), (47, 96)],
+                  "q4_k": [(17, 256), (3, 768)], "q6_k": [(31, 256), (16, 768)],
+                  "int8": [(19, 77), (48, 33)], "int4": [(23, 45), (5, 200)]}
+
+
+@C_KERNELS
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_c_kernel_matches_the_reference(qtype, dtype):
+    for n, k in SHAPES_BY_TYPE[qtype]:
+        for m in (1, 2, 3, 4, 5, 7, 8, 16, 17, 33, 65):
+            pw, x, bias = linear_case(qtype, m, n, k, dtype)
+            check_against_reference(pw, x, bias, quant.quant_linear(x, pw, bias, impl="c"))
+    pw, x, _ = linear_case(qtype, 3, *SHAPES_BY_TYPE[qtype][0], dtype)
+    out = quant.quant_linear(x, pw, impl="c")   # no bias
+    check_against_reference(pw, x, torch.zeros(pw.shape[0], dtype=dtype), out)
+
+
+@C_KERNELS
+def test_quant_linear_c_kernel_on_the_default_models_shapes():
+    for qtype, n, k in (("q4_1", 960, 576), ("q4_1", 576, 1536), ("q8_0", 4099, 576)):
+        for m in (1, 6):
+            pw, x, bias = linear_case(qtype, m, n, k, torch.bfloat16)
+            check_against_reference(pw, x, bias, quant.quant_linear(x, pw, bias))
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "int4"])
+def test_the_torch_fallback_is_the_reference(qtype):
+    pw, x, bias = linear_case(qtype, 5, 21, k_for(qtype, 64), torch.bfloat16)
+    expected = quant.reference_linear(x, pw, bias)
+    torch.testing.assert_close(quant.quant_linear(x, pw, bias, impl="torch"), expected, rtol=0, atol=0)
+    half = x.half()    # a dtype the C kernels do not take: the reference, whatever impl says
+    torch.testing.assert_close(quant.quant_linear(half, pw, impl="c"), quant.reference_linear(half, pw))
+
+
+def test_the_environment_forces_the_fallback_at_import():
+    import subprocess
+    import sys
+    code = ("import torch; from gateway.kernels import quant, quant_cpu\n"
+            "quant_cpu.linear = None\n"                       # any call into C would now fail
+            "pw = quant.quantize(torch.randn(20, 40), 'int4'); x = torch.randn(3, 40)\n"
+            "assert torch.equal(quant.quant_linear(x, pw), quant.reference_linear(x, pw)); print('ok')")
+    env = {**__import__("os").environ, "GATEWAY_QUANT_KERNELS": "torch"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_quant_linear_refuses_a_mismatched_input():
+    pw = packed("q8_0", 16, 64)
+    with pytest.raises(ValueError):
+        quant.quant_linear(torch.randn(2, 32), pw)
+    with pytest.raises(ValueError):
+        quant.quant_linear(torch.randn(64), pw)

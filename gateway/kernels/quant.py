@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gateway.kernels import quant_cpu
 from gateway.kernels import quant_layout as layout
 
 GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
+_IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
 # False while quant_linear runs through the torch reference (a dequantize per call, slower than
 # the bf16 path): weight loading keeps `--quantization auto` dequantized until C kernels back it.
 NATIVE_KERNELS = False
@@ -121,14 +125,34 @@ def reference_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | Non
     return y.to(x.dtype)
 
 
+def fake_quant_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the C kernels see it: int8 per block of `block` along K (scale amax / 127, round half
+    to even), dequantized back to fp32. reference_linear of this is what they compute exactly
+    (up to fp32 summation order)."""
+    x = x.float()
+    m, k = x.shape
+    g = F.pad(x, (0, (-k) % block)).view(m, -1, block)
+    amax = g.abs().amax(-1, keepdim=True)
+    c127 = torch.full_like(amax, 127.0)   # tensor / tensor: a true division, as in C (127.0 / t is 127 * (1 / t))
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / c127)).view(m, -1)[:, :k]
+
+
 def _check_linear(x: torch.Tensor, pw: PackedWeight) -> None:
     if x.dim() != 2 or x.shape[1] != pw.shape[1]:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} against a weight {pw.shape}")
 
 
-def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype."""
+def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+                 impl: str | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype. impl: "c" (the C kernels,
+    falling back to the reference where they do not apply) or "torch" (the reference); None
+    takes GATEWAY_QUANT_KERNELS as read at import (default "c")."""
     _check_linear(x, pw)
+    if (impl or _IMPL) == "c":
+        out = quant_cpu.linear(x, pw.qtype, pw.shape, pw.data, bias)
+        if out is not None:
+            return out
     return reference_linear(x, pw, bias)
 
 

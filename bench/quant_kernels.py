@@ -1,0 +1,126 @@
+"""Quantized linears (gateway.kernels.quant.quant_linear, C kernels) against the bf16 path the
+model takes without them (oneDNN: mkldnn._linear_pointwise on a prepacked weight), on the
+default model's shapes (SmolLM2-135M: hidden 576, intermediate 1536, 9 q / 3 kv heads of 64,
+vocab 49152; q|k|v and gate|up are merged). Per call: µs (median of rounds, the two paths
+alternated so a loaded box hurts both alike) and GB/s of weight bytes; then the sum over one
+decode step (30 layers + the LM head) at M=1.
+
+    python bench/quant_kernels.py [--m 1,2,4,8,16,32,64,256] [--rounds 60] [--impl c]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gateway.kernels import quant
+
+LAYERS = 30
+# name: (N, K, qtype, calls per decode step)
+SHAPES = {"qkv": (960, 576, "q4_1", LAYERS), "kv": (192, 576, "q4_1", 0), "o": (576, 576, "q4_1", LAYERS),
+          "gate_up": (3072, 576, "q4_1", LAYERS), "down": (576, 1536, "q4_1", LAYERS),
+          "head": (49152, 576, "q8_0", 1)}
+
+
+def weight(n: int, k: int, qtype: str) -> quant.PackedWeight:
+    w = torch.randn(n, k) * 0.05
+    if qtype == "q8_0":   # q8_0 == int8 codes with a scale per 32; per-channel int8 has the same layout
+        return quant.PackedWeight("q8_0", (n, k), quant.quantize(w, "int8").data)
+    return quant.PackedWeight(qtype, (n, k), quant.quantize(w, "int4").data)   # q4_1's layout
+
+
+def timed(fn, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner * 1e6
+
+
+def bench_shape(n, k, qtype, m, rounds, impl):
+    """Median over `rounds` alternated samples of a few calls each: a sample that a time slice
+    lost to another process (ms, on a shared box) is an outlier the median ignores."""
+    pw = weight(n, k, qtype)
+    dense = torch.randn(n, k).bfloat16()
+    packed_dense = torch.ops.mkldnn._reorder_linear_weight(dense, None)
+    x = torch.randn(m, k).bfloat16()
+    inner = max(1, min(20, int(3e5 / (n * k * max(m, 4) / 32 + 1e3))))
+    runs = {"quant": lambda: quant.quant_linear(x, pw, impl=impl),
+            "bf16": lambda: torch.ops.mkldnn._linear_pointwise(x, packed_dense, None, "none", [], "")}
+    samples = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(rounds):   # alternate A/B
+        for name, fn in runs.items():
+            samples[name].append(timed(fn, inner))
+    return statistics.median(samples["quant"]), statistics.median(samples["bf16"]), pw.nbytes(), dense.numel() * 2
+
+
+def bench_step(rounds: int, impl: str) -> tuple[float, float, int, int]:
+    """One decode step's linears as the model runs them (M=1): 30 layers of distinct weights
+    (96 MB packed, 190 MB bf16: more than the L3, so they stream from memory as in serving) and
+    the head. Median ms of quant vs bf16 steps, alternated; and the bytes each step reads."""
+    order = ["qkv", "o", "gate_up", "down"]
+    layers = [{name: weight(*SHAPES[name][:3]) for name in order} for _ in range(LAYERS)]
+    head = weight(*SHAPES["head"][:3])
+    dense = [{name: torch.ops.mkldnn._reorder_linear_weight(torch.randn(*SHAPES[name][:2]).bfloat16(), None)
+              for name in order} for _ in range(LAYERS)]
+    dense_head = torch.ops.mkldnn._reorder_linear_weight(torch.randn(*SHAPES["head"][:2]).bfloat16(), None)
+    x = {k: torch.randn(1, k).bfloat16() for k in (576, 1536)}
+
+    def quant_step():
+        for layer in layers:
+            for name in order:
+                quant.quant_linear(x[SHAPES[name][1]], layer[name], impl=impl)
+        quant.quant_linear(x[576], head, impl=impl)
+
+    def bf16_step():
+        for layer in dense:
+            for name in order:
+                torch.ops.mkldnn._linear_pointwise(x[SHAPES[name][1]], layer[name], None, "none", [], "")
+        torch.ops.mkldnn._linear_pointwise(x[576], dense_head, None, "none", [], "")
+
+    samples = {"quant": [], "bf16": []}
+    for _ in range(rounds):
+        samples["quant"].append(timed(quant_step, 1) / 1e3)
+        samples["bf16"].append(timed(bf16_step, 1) / 1e3)
+    qbytes = sum(pw.nbytes() for layer in layers for pw in layer.values()) + head.nbytes()
+    bbytes = sum(2 * n * k * (LAYERS if name != "head" else 1) for name, (n, k, _, c) in SHAPES.items() if c)
+    return statistics.median(samples["quant"]), statistics.median(samples["bf16"]), qbytes, bbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", default="1,2,4,8,16,32,64,256")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--impl", default="c", choices=["c", "torch"])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--step", type=int, default=15, help="rounds of the whole-step benchmark (0: skip)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"threads {torch.get_num_threads()}, impl {args.impl}")
+    print(f"per call, hot weights (one weight called repeatedly, so from cache where it fits):")
+    print(f"{'shape':8} {'N':>6} {'K':>5} {'type':5} {'M':>4} {'quant µs':>9} {'GB/s':>6} {'bf16 µs':>9} {'GB/s':>6} {'bf16/quant':>10}")
+    step = {"quant": 0.0, "bf16": 0.0}
+    for name in args.shapes.split(","):
+        n, k, qtype, calls = SHAPES[name]
+        for m in map(int, args.m.split(",")):
+            tq, tb, qbytes, bbytes = bench_shape(n, k, qtype, m, args.rounds, args.impl)
+            print(f"{name:8} {n:6} {k:5} {qtype:5} {m:4} {tq:9.1f} {qbytes / tq / 1e3:6.1f} {tb:9.1f} "
+                  f"{bbytes / tb / 1e3:6.1f} {tb / tq:10.2f}", flush=True)
+            if m == 1:
+                step["quant"] += calls * tq
+                step["bf16"] += calls * tb
+    if args.step:
+        tq, tb, qb, bb = bench_step(args.step, args.impl)
+        print(f"decode step, weights streamed from memory (M=1, median of {args.step}): quant {tq:.2f} ms "
+              f"({qb / tq / 1e6:.1f} GB/s of {qb / 1e6:.0f} MB), bf16 {tb:.2f} ms ({bb / tb / 1e6:.1f} GB/s of {bb / 1e6:.0f} MB)")
+    if step["quant"]:
+        print(f"sum of the hot per-call figures (M=1, {LAYERS} layers of qkv+o+gate_up+down, + head): quant {step['quant'] / 1e3:.2f} ms,"
+              f" bf16 {step['bf16'] / 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

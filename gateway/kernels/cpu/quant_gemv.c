@@ -1,0 +1,172 @@
+/* Products with packed quantized weights (quant_layout.py's tiles), called through ctypes from
+ * cpu_ops.quant_linear: y[M, N] = x[M, K] W^T (+ bias), x fp32 or bf16.
+ *
+ * quant_linear_vnni: activations quantized to int8 per weight block (32 values, q6_k 16:
+ * scale amax/127, as ggml's q8_0), then AVX512-VNNI vpdpbusd of the unsigned weight codes
+ * against the signed activation bytes. A tile is 16 output rows, one per vector lane, with 4
+ * consecutive k per lane, so a block's dot products need no horizontal sums: per block and row
+ * the int32 lane sums are scaled once, y += d_w d_a (dot - offset * sum(a_q)) for 8-bit codes
+ * (w = d (u - offset)) and y += d_w d_a dot + m_w d_a sum(a_q) for 4-bit ones (w = d u + m).
+ * Each weight tile is read once per call and reused from registers for MR activation rows at
+ * a time; tiles run in parallel on the OpenMP pool (torch's libgomp).
+ *
+ * Returns 0, or -1 when this CPU (runtime check) or this build lacks AVX512-VNNI / F16C: the
+ * caller then runs the torch reference. */
+#include "common.h"
+#include <omp.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+#define MR 4   /* activation rows per pass over a weight tile */
+
+struct qargs {
+    const uint8_t *q;                  /* the tiles: [tiles][K'/4 (w8) or K'/8 (w4)][16][4] */
+    const uint16_t *d, *m;             /* float16 [tiles][K'/B][16]; m NULL for 8-bit codes */
+    const int8_t *aq;                  /* activations [M][K'] */
+    const float *da;                   /* activation scale per block [M][K'/B] */
+    const int32_t *sa;                 /* sum of a_q per block [M][K'/B] */
+    int64_t m_rows, n, kp, block, offset, nb;
+};
+
+static inline __m512 f16x16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* Activation row r → int8 per block of B (scale amax/127), block scales and code sums. */
+static void quantize_row(const void *x, int dtype, int64_t k, int64_t kp, int64_t block, int8_t *aq, float *da,
+                         int32_t *sa) {
+    float buf[32];
+    for (int64_t b0 = 0; b0 < kp; b0 += block) {
+        const int64_t len = b0 + block <= k ? block : (k > b0 ? k - b0 : 0);
+        memset(buf, 0, sizeof buf);
+        if (len) load_row(x, b0, dtype, len, buf);
+        float amax = 0.f;
+        for (int i = 0; i < block; i++) amax = fmaxf(amax, fabsf(buf[i]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+        for (int i = 0; i < block; i++) {
+            const int32_t v = (int32_t)nearbyintf(buf[i] * inv);
+            aq[b0 + i] = (int8_t)v;
+            sum += v;
+        }
+        da[b0 / block] = amax / 127.f;
+        sa[b0 / block] = sum;
+    }
+}
+
+/* Rows [r0, r0 + R) against tile t; acc[r] gets the 16 lanes (output rows) in fp32. */
+static inline __attribute__((always_inline)) void tile_rows(const struct qargs *a, int64_t t, int64_t r0, const int R,
+                                                            const int W4, __m512 *acc) {
+    const int64_t per_block = a->block / (W4 ? 8 : 4);          /* 64-byte vectors per block */
+    const __m512i *qt = (const __m512i *)(a->q + t * (a->kp / (W4 ? 8 : 4)) * 64);
+    const uint16_t *dt = a->d + t * a->nb * 16, *mt = W4 ? a->m + t * a->nb * 16 : NULL;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->nb; b++) {
+        __m512i s0[MR], s1[MR];
+        for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm512_setzero_si512();
+        for (int64_t g = 0; g < per_block; g++) {
+            const __m512i v = _mm512_loadu_si512(qt + b * per_block + g);
+            const int64_t k = b * a->block + g * (W4 ? 8 : 4);
+            if (W4) {
+                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                for (int r = 0; r < R; r++) {
+                    const int32_t *ar = (const int32_t *)(a->aq + (r0 + r) * a->kp + k);
+                    s0[r] = _mm512_dpbusd_epi32(s0[r], lo, _mm512_set1_epi32(ar[0]));
+                    s1[r] = _mm512_dpbusd_epi32(s1[r], hi, _mm512_set1_epi32(ar[1]));
+                }
+            } else {
+                for (int r = 0; r < R; r++) {
+                    const int32_t *ar = (const int32_t *)(a->aq + (r0 + r) * a->kp + k);
+                    if (g & 1) s1[r] = _mm512_dpbusd_epi32(s1[r], v, _mm512_set1_epi32(ar[0]));
+                    else s0[r] = _mm512_dpbusd_epi32(s0[r], v, _mm512_set1_epi32(ar[0]));
+                }
+            }
+        }
+        const __m512 dw = f16x16(dt + b * 16);
+        const __m512 mw = W4 ? f16x16(mt + b * 16) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            const int64_t ab = (r0 + r) * a->nb + b;
+            __m512i s = _mm512_add_epi32(s0[r], s1[r]);
+            if (!W4) s = _mm512_sub_epi32(s, _mm512_set1_epi32((int32_t)a->offset * a->sa[ab]));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(a->da[ab]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+            if (W4) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a->da[ab] * (float)a->sa[ab]), acc[r]);
+        }
+    }
+}
+
+static inline void store_tile(const __m512 *acc, int R, int64_t r0, int64_t t, int64_t n, const void *bias,
+                              void *out, int dtype) {
+    const int64_t c0 = t * 16, cols = n - c0 < 16 ? n - c0 : 16;
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+    __m512 b = _mm512_setzero_ps();
+    if (bias) b = dtype == 0 ? _mm512_maskz_loadu_ps(mask, (const float *)bias + c0)
+                             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                   _mm256_maskz_loadu_epi16(mask, (const uint16_t *)bias + c0)), 16));
+    for (int r = 0; r < R; r++) {
+        const __m512 y = _mm512_add_ps(acc[r], b);
+        if (dtype == 0) {
+            _mm512_mask_storeu_ps((float *)out + (r0 + r) * n + c0, mask, y);
+        } else {   /* round to nearest even, as common.h's f32_to_bf16 */
+            const __m512i u = _mm512_castps_si512(y);
+            const __m512i rnd = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+            const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, rnd), 16));
+            _mm256_mask_storeu_epi16((uint16_t *)out + (r0 + r) * n + c0, mask, h);
+        }
+    }
+}
+
+static void run_tiles(const struct qargs *a, const void *bias, void *out, int dtype, int w4) {
+    const int64_t tiles = (a->n + 15) / 16;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        __m512 acc[MR];
+        int64_t r0 = 0;
+        for (; r0 + MR <= a->m_rows; r0 += MR) {
+            if (w4) tile_rows(a, t, r0, MR, 1, acc); else tile_rows(a, t, r0, MR, 0, acc);
+            store_tile(acc, MR, r0, t, a->n, bias, out, dtype);
+        }
+        for (; r0 < a->m_rows; r0++) {
+            if (w4) tile_rows(a, t, r0, 1, 1, acc); else tile_rows(a, t, r0, 1, 0, acc);
+            store_tile(acc, 1, r0, t, a->n, bias, out, dtype);
+        }
+    }
+}
+
+int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const uint8_t *q, const uint16_t *d,
+                      const uint16_t *mins, int64_t n, int64_t kp, int64_t block, int64_t offset, int w4,
+                      const void *bias, void *out) {
+    if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw") || (block != 16 && block != 32)
+        || kp % block)
+        return -1;
+    const int64_t nb = kp / block;
+    int8_t *aq = aligned_alloc(64, (size_t)((m_rows * kp + 63) / 64 * 64));
+    float *da = malloc(sizeof(float) * m_rows * nb);
+    int32_t *sa = malloc(sizeof(int32_t) * m_rows * nb);
+    if (!aq || !da || !sa) { free(aq); free(da); free(sa); return -1; }
+    const struct qargs a = {q, d, mins, aq, da, sa, m_rows, n, kp, block, offset, nb};
+    const int64_t tiles = (n + 15) / 16;
+    /* one parallel region: quantize the rows, then the tiles (a barrier between) */
+#pragma omp parallel if (tiles * m_rows * kp > 32768)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m_rows; r++)
+            quantize_row((const char *)x + r * k * (dtype ? 2 : 4), dtype, k, kp, block, aq + r * kp, da + r * nb,
+                         sa + r * nb);
+        run_tiles(&a, bias, out, dtype, w4);
+    }
+    free(aq); free(da); free(sa);
+    return 0;
+}
+
+#else
+
+int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const uint8_t *q, const uint16_t *d,
+                      const uint16_t *mins, int64_t n, int64_t kp, int64_t block, int64_t offset, int w4,
+                      const void *bias, void *out) {
+    return -1;
+}
+
+#endif
