@@ -123,14 +123,16 @@ def test_concat_refuses_mixed_types():
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_embedding_reads_dequantized_rows(qtype, dtype):
-    pw = packed(qtype, 70, k_for(qtype, 64))
+@pytest.mark.parametrize("impl", ["c", "torch"])
+def test_quant_embedding_reads_dequantized_rows(qtype, dtype, impl):
+    pw = packed(qtype, 70, k_for(qtype, 45))
     ids = torch.tensor([0, 69, 16, 15, 33, 33])
-    got = quant.quant_embedding(ids, pw, dtype)
+    got = quant.quant_embedding(ids, pw, dtype, impl=impl)
     assert got.dtype == dtype and got.shape == (6, pw.shape[1])
     torch.testing.assert_close(got, quant.dequantize(pw)[ids].to(dtype), rtol=0, atol=0)
     with pytest.raises(IndexError):
-        quant.quant_embedding(torch.tensor([70]), pw, dtype)
+        quant.quant_embedding(torch.tensor([70]), pw, dtype, impl=impl)
+    assert quant.quant_embedding(torch.tensor([], dtype=torch.long), pw, dtype, impl=impl).shape == (0, pw.shape[1])
 
 
 # quant_linear: the C kernels (int8 activations per weight block, vpdpbusd) against the reference

@@ -156,9 +156,13 @@ def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
     return reference_linear(x, pw, bias)
 
 
-def quant_embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+def quant_embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype, impl: str | None = None) -> torch.Tensor:
     """Rows `ids` of a packed [vocab, hidden] table, dequantized into `dtype`: [T, hidden]."""
     ids = ids.reshape(-1).long()
+    if (impl or _IMPL) == "c":
+        out = quant_cpu.rows(ids, pw.qtype, pw.shape, pw.data, dtype)   # checks the ids itself
+        if out is not None:
+            return out
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= pw.shape[0]):
         raise IndexError(f"quant_embedding: ids outside [0, {pw.shape[0]})")
     return layout.rows_of(pw.qtype, pw.data, ids)[:, :pw.shape[1]].to(dtype)

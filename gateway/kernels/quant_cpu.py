@@ -13,6 +13,7 @@ from gateway.kernels import quant_layout as layout
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _fn = None            # the bound quant_linear_vnni, or False when unavailable
+_rows_fn = None       # the bound quant_rows
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
@@ -23,7 +24,12 @@ def _bind():
     if fn is not None:
         fn.argtypes = [_vp, _i64, _i64, _int, _vp, _vp, _vp, _i64, _i64, _i64, _i64, _int, _vp, _vp]
         fn.restype = _int
-    _fn = fn or False
+    rows = getattr(lib, "quant_rows", None) if lib is not None else None
+    if rows is not None:
+        rows.argtypes = [_vp, _vp, _vp, _i64, _i64, _i64, _i64, _int, _vp, _i64, _i64, _vp, _int]
+        rows.restype = _int
+    global _rows_fn
+    _fn, _rows_fn = fn or False, rows or False
     return _fn
 
 
@@ -46,3 +52,24 @@ def linear(x: torch.Tensor, qtype: str, shape: tuple[int, int], data: dict[str, 
     if rc != 0:
         return None
     return out
+
+
+def rows(ids: torch.Tensor, qtype: str, shape: tuple[int, int], data: dict[str, torch.Tensor],
+         dtype: torch.dtype) -> torch.Tensor | None:
+    """Dequantized rows `ids` of a packed table, or None (the caller's reference); IndexError
+    for an id outside the table."""
+    if _fn is None:
+        _bind()
+    code = _DTYPES.get(dtype)
+    if not _rows_fn or code is None:
+        return None
+    ids = ids.to(torch.int64).contiguous()
+    q, d, m = data["q"], data["d"], data.get("m")
+    kp = q.shape[1] * (8 if m is not None else 4)
+    out = torch.empty(ids.shape[0], shape[1], dtype=dtype)
+    rc = _rows_fn(q.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(), kp, shape[1], layout.BLOCK[qtype],
+                  layout.W8_OFFSET.get(qtype, 0), int(m is not None), ids.data_ptr(), ids.shape[0], shape[0],
+                  out.data_ptr(), code)
+    if rc == -2:
+        raise IndexError(f"quant_embedding: ids outside [0, {shape[0]})")
+    return out if rc == 0 else None

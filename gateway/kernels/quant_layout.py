@@ -110,7 +110,7 @@ def rows_of(qtype: str, data: dict[str, torch.Tensor], ids: torch.Tensor) -> tor
     q = data["q"][t, :, lane]                             # [T, K'/4 or K'/8, 4]
     if kind(qtype) == "w4":
         q = torch.stack([q & 15, q >> 4], dim=2)          # [T, K'/8, 2, 4]
-    codes = q.reshape(ids.shape[0], -1).float()
+    codes = q.reshape(ids.shape[0], data["q"].shape[1] * (8 if kind(qtype) == "w4" else 4)).float()
     block = BLOCK[qtype]
     d = data["d"][t, :, lane].float().repeat_interleave(block, dim=1)
     if kind(qtype) == "w8":

@@ -32,25 +32,35 @@ static inline __m512 f16x16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-/* Activation row r → int8 per block of B (scale amax/127), block scales and code sums. */
+static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask) {
+    if (dtype == 0) return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + i)), 16));
+}
+
+/* One activation row → int8 per block of B (16 or 32; scale amax/127, round half to even as
+ * vcvtps2dq does), the block scales and the code sums. Columns past k are zero. */
 static void quantize_row(const void *x, int dtype, int64_t k, int64_t kp, int64_t block, int8_t *aq, float *da,
                          int32_t *sa) {
-    float buf[32];
     for (int64_t b0 = 0; b0 < kp; b0 += block) {
-        const int64_t len = b0 + block <= k ? block : (k > b0 ? k - b0 : 0);
-        memset(buf, 0, sizeof buf);
-        if (len) load_row(x, b0, dtype, len, buf);
-        float amax = 0.f;
-        for (int i = 0; i < block; i++) amax = fmaxf(amax, fabsf(buf[i]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
-        for (int i = 0; i < block; i++) {
-            const int32_t v = (int32_t)nearbyintf(buf[i] * inv);
-            aq[b0 + i] = (int8_t)v;
-            sum += v;
+        __m512 v[2];
+        for (int h = 0; h < block / 16; h++) {
+            const int64_t i = b0 + 16 * h, left = k - i;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
+            v[h] = load16(x, dtype, i, mask);
         }
-        da[b0 / block] = amax / 127.f;
-        sa[b0 / block] = sum;
+        __m512 amax = _mm512_abs_ps(v[0]);
+        if (block == 32) amax = _mm512_max_ps(amax, _mm512_abs_ps(v[1]));
+        const float m = _mm512_reduce_max_ps(amax);
+        const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int h = 0; h < block / 16; h++) {
+            const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inv));
+            sum = _mm512_add_epi32(sum, c);
+            _mm_storeu_si128((__m128i *)(aq + b0 + 16 * h), _mm512_cvtepi32_epi8(c));
+        }
+        da[b0 / block] = m / 127.f;
+        sa[b0 / block] = _mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -135,29 +145,73 @@ static void run_tiles(const struct qargs *a, const void *bias, void *out, int dt
     }
 }
 
+/* Small M: every thread quantizes all rows itself (a few hundred values) instead of sharing
+ * them across a barrier: on a loaded box a barrier waits for a descheduled thread. */
+#define PRIVATE_ROWS 16
+
 int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const uint8_t *q, const uint16_t *d,
                       const uint16_t *mins, int64_t n, int64_t kp, int64_t block, int64_t offset, int w4,
                       const void *bias, void *out) {
     if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw") || (block != 16 && block != 32)
         || kp % block)
         return -1;
-    const int64_t nb = kp / block;
-    int8_t *aq = aligned_alloc(64, (size_t)((m_rows * kp + 63) / 64 * 64));
-    float *da = malloc(sizeof(float) * m_rows * nb);
-    int32_t *sa = malloc(sizeof(int32_t) * m_rows * nb);
+    const int64_t nb = kp / block, tiles = (n + 15) / 16;
+    const int parallel = tiles * m_rows * kp > 32768, private_rows = m_rows <= PRIVATE_ROWS;
+    const int copies = parallel && private_rows ? omp_get_max_threads() : 1;
+    const int64_t aq_bytes = (m_rows * kp + 63) / 64 * 64;
+    int8_t *aq = aligned_alloc(64, (size_t)(aq_bytes * copies));
+    float *da = malloc(sizeof(float) * m_rows * nb * copies);
+    int32_t *sa = malloc(sizeof(int32_t) * m_rows * nb * copies);
     if (!aq || !da || !sa) { free(aq); free(da); free(sa); return -1; }
-    const struct qargs a = {q, d, mins, aq, da, sa, m_rows, n, kp, block, offset, nb};
-    const int64_t tiles = (n + 15) / 16;
-    /* one parallel region: quantize the rows, then the tiles (a barrier between) */
-#pragma omp parallel if (tiles * m_rows * kp > 32768)
+    const int64_t row_bytes = k * (dtype ? 2 : 4);
+#pragma omp parallel if (parallel)
     {
+        const int copy = copies > 1 ? omp_get_thread_num() : 0;
+        struct qargs a = {q, d, mins, aq + copy * aq_bytes, da + copy * m_rows * nb, sa + copy * m_rows * nb,
+                          m_rows, n, kp, block, offset, nb};
+        if (private_rows) {   /* copies == the team's size, or a team of one */
+            for (int64_t r = 0; r < m_rows; r++)
+                quantize_row((const char *)x + r * row_bytes, dtype, k, kp, block, (int8_t *)a.aq + r * kp,
+                             (float *)a.da + r * nb, (int32_t *)a.sa + r * nb);
+        } else {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m_rows; r++)
-            quantize_row((const char *)x + r * k * (dtype ? 2 : 4), dtype, k, kp, block, aq + r * kp, da + r * nb,
-                         sa + r * nb);
+            for (int64_t r = 0; r < m_rows; r++)
+                quantize_row((const char *)x + r * row_bytes, dtype, k, kp, block, (int8_t *)a.aq + r * kp,
+                             (float *)a.da + r * nb, (int32_t *)a.sa + r * nb);
+        }
         run_tiles(&a, bias, out, dtype, w4);
     }
     free(aq); free(da); free(sa);
+    return 0;
+}
+
+/* Rows ids[0..t) of a packed table, dequantized into out [t][k] (fp32 or bf16): the embedding
+ * lookup and the LM head's rescoring rows. Plain C (a row is a few hundred values).
+ * Returns 0, -2 when an id is outside [0, n) (nothing written), -1 when the row is too long. */
+int quant_rows(const uint8_t *q, const uint16_t *d, const uint16_t *mins, int64_t kp, int64_t k, int64_t block,
+               int64_t offset, int w4, const int64_t *ids, int64_t t, int64_t n, void *out, int dtype) {
+    const int64_t nb = kp / block, tile_bytes = kp / (w4 ? 8 : 4) * 64;
+    float row[8192];
+    if (kp > 8192) return -1;
+    for (int64_t i = 0; i < t; i++)
+        if (ids[i] < 0 || ids[i] >= n) return -2;
+    for (int64_t i = 0; i < t; i++) {
+        const int64_t tile = ids[i] / 16, lane = ids[i] % 16;
+        const uint8_t *qt = q + tile * tile_bytes + lane * 4;
+        const uint16_t *dt = d + tile * nb * 16 + lane, *mt = w4 ? mins + tile * nb * 16 + lane : NULL;
+        for (int64_t c = 0; c < k; c++) {
+            const int64_t b = c / block;
+            const float scale = _cvtsh_ss(dt[b * 16]);
+            if (w4) {
+                const uint8_t byte = qt[(c / 8) * 64 + (c % 4)];
+                const int code = (c % 8) < 4 ? byte & 15 : byte >> 4;
+                row[c] = scale * (float)code + _cvtsh_ss(mt[b * 16]);
+            } else {
+                row[c] = scale * (float)((int)qt[(c / 4) * 64 + (c % 4)] - (int)offset);
+            }
+        }
+        store_row(out, i * k, dtype, k, row);
+    }
     return 0;
 }
 
@@ -166,6 +220,11 @@ int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const
 int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const uint8_t *q, const uint16_t *d,
                       const uint16_t *mins, int64_t n, int64_t kp, int64_t block, int64_t offset, int w4,
                       const void *bias, void *out) {
+    return -1;
+}
+
+int quant_rows(const uint8_t *q, const uint16_t *d, const uint16_t *mins, int64_t kp, int64_t k, int64_t block,
+               int64_t offset, int w4, const int64_t *ids, int64_t t, int64_t n, void *out, int dtype) {
     return -1;
 }
 
