@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="1,2,4,8,16,32,64,256")
     parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--impl", default="c", choices=["c", "torch"])
+    parser.add_argument("--impl", default="c", choices=["c", "vnni", "bf16", "torch"])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--step", type=int, default=15, help="rounds of the whole-step benchmark (0: skip)")
     args = parser.parse_args()

@@ -166,8 +166,8 @@ def check_against_reference(pw, x, bias, out):
     assert ((out.float() - exact).abs() <= bound * 1.001 + slack + tie).all()
 
 
-C_KERNELS = pytest.mark.skipif(quant.quant_cpu.linear(torch.zeros(1, 32), "int8", (1, 32),
-                                                       quant.quantize(torch.ones(1, 32), "int8").data, None) is None,
+C_KERNELS = pytest.mark.skipif(quant.quant_cpu.linear(torch.zeros(1, 32), quant.quantize(torch.ones(1, 32), "int8"),
+                                                       None) is None,
                                reason="no C quantized kernels on this machine (no compiler or no AVX512-VNNI)")
 SHAPES_BY_TYPE = {"q8_0": [(17, 96), (50, 32)], "q4_0": [(33, 160), (16, 64)], "q4_1": [(1, 32), (47, 96)],
                   "q4_k": [(17, 256), (3, 768)], "q6_k": [(31, 256), (16, 768)],
@@ -181,10 +181,34 @@ def test_quant_linear_c_kernel_matches_the_reference(qtype, dtype):
     for n, k in SHAPES_BY_TYPE[qtype]:
         for m in (1, 2, 3, 4, 5, 7, 8, 16, 17, 33, 65):
             pw, x, bias = linear_case(qtype, m, n, k, dtype)
-            check_against_reference(pw, x, bias, quant.quant_linear(x, pw, bias, impl="c"))
+            check_against_reference(pw, x, bias, quant.quant_linear(x, pw, bias, impl="vnni"))
     pw, x, _ = linear_case(qtype, 3, *SHAPES_BY_TYPE[qtype][0], dtype)
-    out = quant.quant_linear(x, pw, impl="c")   # no bias
+    out = quant.quant_linear(x, pw, impl="vnni")   # no bias
     check_against_reference(pw, x, torch.zeros(pw.shape[0], dtype=dtype), out)
+
+
+@C_KERNELS
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q4_k", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_bf16_kernel_matches_the_reference(qtype, dtype):
+    """bf16 activations: the reference on x rounded to bf16, up to fp32 summation order."""
+    for n, k in SHAPES_BY_TYPE[qtype]:
+        for m in (1, 2, 3, 4, 5, 8, 17, 65):
+            pw, x, bias = linear_case(qtype, m, n, k, dtype)
+            out = quant.quant_linear(x, pw, bias, impl="bf16")
+            assert out.dtype == dtype and out.shape == (m, n)
+            w = quant.dequantize(pw)
+            expected = torch.nn.functional.linear(x.bfloat16().float(), w, bias.float())
+            scale = x.bfloat16().float().abs() @ w.abs().t() + bias.float().abs()
+            rel = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+            assert ((out.float() - expected).abs() <= rel * expected.abs() + 2e-5 * scale + 1e-6).all()
+
+
+@C_KERNELS
+def test_quant_linear_bf16_on_8_bit_codes_takes_the_vnni_kernel():
+    pw, x, bias = linear_case("q8_0", 3, 20, 64, torch.float32)
+    torch.testing.assert_close(quant.quant_linear(x, pw, bias, impl="bf16"), quant.quant_linear(x, pw, bias, impl="vnni"),
+                               rtol=0, atol=0)
 
 
 @C_KERNELS
@@ -192,7 +216,12 @@ def test_quant_linear_c_kernel_on_the_default_models_shapes():
     for qtype, n, k in (("q4_1", 960, 576), ("q4_1", 576, 1536), ("q8_0", 4099, 576)):
         for m in (1, 6):
             pw, x, bias = linear_case(qtype, m, n, k, torch.bfloat16)
-            check_against_reference(pw, x, bias, quant.quant_linear(x, pw, bias))
+            check_against_reference(pw, x, bias, quant.quant_linear(x, pw, bias, impl="vnni"))
+            if qtype == "q8_0":
+                continue
+            bf16 = quant.quant_linear(x, pw, bias, impl="bf16")
+            expected = torch.nn.functional.linear(x.float(), quant.dequantize(pw), bias.float())
+            assert ((bf16.float() - expected).abs() <= 2.0 ** -8 * expected.abs() + 1e-3).all()
 
 
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "int4"])

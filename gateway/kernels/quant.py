@@ -24,6 +24,7 @@ from gateway.kernels import quant_layout as layout
 GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
+C_KERNEL = "vnni"   # the faster on our shapes (bench/quant_kernels.py); "bf16" is the more accurate
 # False while quant_linear runs through the torch reference (a dequantize per call, slower than
 # the bf16 path): weight loading keeps `--quantization auto` dequantized until C kernels back it.
 NATIVE_KERNELS = False
@@ -145,12 +146,19 @@ def _check_linear(x: torch.Tensor, pw: PackedWeight) -> None:
 
 def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
                  impl: str | None = None) -> torch.Tensor:
-    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype. impl: "c" (the C kernels,
-    falling back to the reference where they do not apply) or "torch" (the reference); None
+    """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype.
+
+    impl: "c" (the default C kernel, `C_KERNEL`), "vnni" (int8 activations per block,
+    vpdpbusd), "bf16" (bf16 activations, vdpbf16ps; 4-bit codes only, 8-bit ones take vnni),
+    "torch" (the reference). A C kernel that does not apply falls back to the reference. None
     takes GATEWAY_QUANT_KERNELS as read at import (default "c")."""
     _check_linear(x, pw)
-    if (impl or _IMPL) == "c":
-        out = quant_cpu.linear(x, pw.qtype, pw.shape, pw.data, bias)
+    impl = impl or _IMPL
+    if impl != "torch":
+        kernel = C_KERNEL if impl == "c" else impl
+        out = quant_cpu.linear(x, pw, bias, kernel)
+        if out is None and kernel != "vnni":
+            out = quant_cpu.linear(x, pw, bias, "vnni")
         if out is not None:
             return out
     return reference_linear(x, pw, bias)

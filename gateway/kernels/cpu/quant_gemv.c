@@ -12,7 +12,7 @@
  *
  * Returns 0, or -1 when this CPU (runtime check) or this build lacks AVX512-VNNI / F16C: the
  * caller then runs the torch reference. */
-#include "common.h"
+#include "quant.h"
 #include <omp.h>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -27,16 +27,6 @@ struct qargs {
     const int32_t *sa;                 /* sum of a_q per block [M][K'/B] */
     int64_t m_rows, n, kp, block, offset, nb;
 };
-
-static inline __m512 f16x16(const uint16_t *p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-}
-
-static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask) {
-    if (dtype == 0) return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + i)), 16));
-}
 
 /* One activation row → int8 per block of B (16 or 32; scale amax/127, round half to even as
  * vcvtps2dq does), the block scales and the code sums. Columns past k are zero. */
@@ -106,28 +96,6 @@ static inline __attribute__((always_inline)) void tile_rows(const struct qargs *
     }
 }
 
-static inline void store_tile(const __m512 *acc, int R, int64_t r0, int64_t t, int64_t n, const void *bias,
-                              void *out, int dtype) {
-    const int64_t c0 = t * 16, cols = n - c0 < 16 ? n - c0 : 16;
-    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-    __m512 b = _mm512_setzero_ps();
-    if (bias) b = dtype == 0 ? _mm512_maskz_loadu_ps(mask, (const float *)bias + c0)
-                             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                   _mm256_maskz_loadu_epi16(mask, (const uint16_t *)bias + c0)), 16));
-    for (int r = 0; r < R; r++) {
-        const __m512 y = _mm512_add_ps(acc[r], b);
-        if (dtype == 0) {
-            _mm512_mask_storeu_ps((float *)out + (r0 + r) * n + c0, mask, y);
-        } else {   /* round to nearest even, as common.h's f32_to_bf16 */
-            const __m512i u = _mm512_castps_si512(y);
-            const __m512i rnd = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-            const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, rnd), 16));
-            _mm256_mask_storeu_epi16((uint16_t *)out + (r0 + r) * n + c0, mask, h);
-        }
-    }
-}
-
 static void run_tiles(const struct qargs *a, const void *bias, void *out, int dtype, int w4) {
     const int64_t tiles = (a->n + 15) / 16;
 #pragma omp for schedule(static)
@@ -149,9 +117,11 @@ static void run_tiles(const struct qargs *a, const void *bias, void *out, int dt
  * them across a barrier: on a loaded box a barrier waits for a descheduled thread. */
 #define PRIVATE_ROWS 16
 
-int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const uint8_t *q, const uint16_t *d,
-                      const uint16_t *mins, int64_t n, int64_t kp, int64_t block, int64_t offset, int w4,
-                      const void *bias, void *out) {
+int quant_linear_vnni(const void *x, int64_t m_rows, int dtype, const struct qweight *w, const void *bias, void *out) {
+    const uint8_t *q = w->q;
+    const uint16_t *d = w->d, *mins = w->m;
+    const int64_t n = w->n, k = w->k, kp = w->kp, block = w->block, offset = w->offset;
+    const int w4 = (int)w->w4;
     if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw") || (block != 16 && block != 32)
         || kp % block)
         return -1;
@@ -217,9 +187,7 @@ int quant_rows(const uint8_t *q, const uint16_t *d, const uint16_t *mins, int64_
 
 #else
 
-int quant_linear_vnni(const void *x, int64_t m_rows, int64_t k, int dtype, const uint8_t *q, const uint16_t *d,
-                      const uint16_t *mins, int64_t n, int64_t kp, int64_t block, int64_t offset, int w4,
-                      const void *bias, void *out) {
+int quant_linear_vnni(const void *x, int64_t m_rows, int dtype, const struct qweight *w, const void *bias, void *out) {
     return -1;
 }
 
