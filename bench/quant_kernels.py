@@ -5,7 +5,7 @@ vocab 49152; q|k|v and gate|up are merged). Per call: µs (median of rounds, the
 alternated so a loaded box hurts both alike) and GB/s of weight bytes; then the sum over one
 decode step (30 layers + the LM head) at M=1.
 
-    python bench/quant_kernels.py [--m 1,2,4,8,16,32,64,256] [--rounds 60] [--impl c]
+    python bench/quant_kernels.py [--m 1,2,4,8,16,32,64,256] [--rounds 60] [--impl c|vnni|bf16|torch] [--threads N] [--step R]
 """
 
 from __future__ import annotations
@@ -97,8 +97,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--impl", default="c", choices=["c", "vnni", "bf16", "torch"])
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: torch's default)")
     parser.add_argument("--step", type=int, default=15, help="rounds of the whole-step benchmark (0: skip)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"threads {torch.get_num_threads()}, impl {args.impl}")
     print(f"per call, hot weights (one weight called repeatedly, so from cache where it fits):")

@@ -120,6 +120,12 @@ def concat_rows(pws: list[PackedWeight]) -> PackedWeight:
     return _packed(qtype, (n, k), torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), m)
 
 
+def c_kernels_available() -> bool:
+    """Whether quant_linear runs in C on this machine (compiler, AVX512-VNNI); without them every
+    product dequantizes the whole weight, far slower than serving it as bf16."""
+    return _IMPL != "torch" and quant_cpu.linear(torch.zeros(1, 32), quantize(torch.ones(1, 32), "int8"), None) is not None
+
+
 def reference_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The torch reference of quant_linear: dequantize, then an fp32 matmul."""
     y = F.linear(x.float(), dequantize(pw), None if bias is None else bias.float())
