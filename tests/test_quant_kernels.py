@@ -211,6 +211,22 @@ def test_quant_linear_bf16_on_8_bit_codes_takes_the_vnni_kernel():
 
 
 @C_KERNELS
+@pytest.mark.parametrize("impl", ["vnni", "bf16"])
+def test_a_rows_result_does_not_depend_on_the_batch(impl):
+    """Each row is quantized and summed alone, in one order: the same bits at any M and position
+    (batched and single-sequence decoding agree exactly)."""
+    for qtype in ("q4_1", "q8_0"):
+        pw, x, bias = linear_case(qtype, 23, 50, 96, torch.bfloat16)
+        full = quant.quant_linear(x, pw, bias, impl=impl)
+        for lo, hi in ((0, 1), (5, 6), (3, 7), (4, 23), (22, 23)):
+            assert torch.equal(quant.quant_linear(x[lo:hi].contiguous(), pw, bias, impl=impl), full[lo:hi])
+
+
+def test_native_kernels_says_whether_products_run_in_c():
+    assert quant.NATIVE_KERNELS == quant.c_kernels_available()
+
+
+@C_KERNELS
 def test_quant_linear_c_kernel_on_the_default_models_shapes():
     for qtype, n, k in (("q4_1", 960, 576), ("q4_1", 576, 1536), ("q8_0", 4099, 576)):
         for m in (1, 6):

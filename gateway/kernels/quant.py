@@ -25,9 +25,16 @@ GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
 C_KERNEL = "vnni"   # the faster on our shapes (bench/quant_kernels.py); "bf16" is the more accurate
-# False while quant_linear runs through the torch reference (a dequantize per call, slower than
-# the bf16 path): weight loading keeps `--quantization auto` dequantized until C kernels back it.
-NATIVE_KERNELS = False
+# NATIVE_KERNELS (module attribute, computed at first read by __getattr__ below, which builds the
+# C library): whether quant_linear runs in C here. Weight loading keeps `--quantization auto`
+# dequantized without them (a dequantize per call is slower than the bf16 path).
+
+
+def __getattr__(name: str):
+    if name == "NATIVE_KERNELS":
+        value = globals()["NATIVE_KERNELS"] = c_kernels_available()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, eq=False)
