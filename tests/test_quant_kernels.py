@@ -248,6 +248,15 @@ def test_the_torch_fallback_is_the_reference(qtype):
     torch.testing.assert_close(quant.quant_linear(half, pw, impl="c"), quant.reference_linear(half, pw))
 
 
+def test_a_weight_the_kernels_cannot_read_takes_the_reference():
+    pw = packed("q4_1", 32, 64)
+    strided = quant.PackedWeight("q4_1", pw.shape, {k: v.transpose(0, 1).contiguous().transpose(0, 1)
+                                                     for k, v in pw.data.items()})
+    x = torch.randn(3, 64)
+    assert quant.quant_cpu.linear(x, strided, None) is None
+    torch.testing.assert_close(quant.quant_linear(x, strided), quant.reference_linear(x, pw), rtol=0, atol=0)
+
+
 def test_the_environment_forces_the_fallback_at_import():
     import subprocess
     import sys
@@ -262,6 +271,8 @@ def test_the_environment_forces_the_fallback_at_import():
 
 def test_quant_linear_refuses_a_mismatched_input():
     pw = packed("q8_0", 16, 64)
+    with pytest.raises(ValueError):
+        quant.quant_linear(torch.randn(2, 64), pw, impl="fast")
     with pytest.raises(ValueError):
         quant.quant_linear(torch.randn(2, 32), pw)
     with pytest.raises(ValueError):

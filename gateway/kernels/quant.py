@@ -23,7 +23,10 @@ from gateway.kernels import quant_layout as layout
 
 GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
+IMPLS = ("c", "vnni", "bf16", "torch")
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
+if _IMPL not in IMPLS:
+    raise ImportError(f"GATEWAY_QUANT_KERNELS={_IMPL!r}: one of {', '.join(IMPLS)}")
 C_KERNEL = "vnni"   # the faster on our shapes (bench/quant_kernels.py); "bf16" is the more accurate
 # NATIVE_KERNELS (module attribute, computed at first read by __getattr__ below, which builds the
 # C library): whether quant_linear runs in C here. Weight loading keeps `--quantization auto`
@@ -167,6 +170,8 @@ def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
     takes GATEWAY_QUANT_KERNELS as read at import (default "c")."""
     _check_linear(x, pw)
     impl = impl or _IMPL
+    if impl not in IMPLS:
+        raise ValueError(f"quant_linear: impl {impl!r} is not one of {', '.join(IMPLS)}")
     if impl != "torch":
         kernel = C_KERNEL if impl == "c" else impl
         out = quant_cpu.linear(x, pw, bias, kernel)

@@ -45,8 +45,10 @@ def _bind():
     return _fn
 
 
-def _describe(pw) -> tuple[_QWeight, int]:
+def _describe(pw) -> tuple[_QWeight, int] | None:
     q, d, m = pw.data["q"], pw.data["d"], pw.data.get("m")
+    if not all(t.is_cpu and t.is_contiguous() for t in pw.data.values()):
+        return None
     desc = _QWeight(q.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(), pw.shape[0], pw.shape[1],
                     q.shape[1] * (8 if m is not None else 4), layout.BLOCK[pw.qtype], layout.W8_OFFSET.get(pw.qtype, 0),
                     int(m is not None))
@@ -66,6 +68,8 @@ def linear(x: torch.Tensor, pw, bias: torch.Tensor | None, kernel: str = "vnni")
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     entry = _described.get(pw) or _describe(pw)
+    if entry is None:
+        return None
     out = torch.empty(x.shape[0], pw.shape[0], dtype=x.dtype)
     if fn(x.data_ptr(), x.shape[0], code, entry[1], None if bias is None else bias.data_ptr(), out.data_ptr()) != 0:
         return None
