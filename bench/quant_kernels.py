@@ -8,14 +8,17 @@ decode step (30 layers + the LM head) at M=1.
     PYTHONPATH=. python bench/quant_kernels.py [--m 1,2,4,8,16,32,64,256] [--rounds 60]
         [--impl c|vnni|bf16|torch] [--threads N] [--step R]
 
-Measured 2026-12-03 (AMD EPYC Zen 4, 2 cores, shared box; 2 threads, median of 40 alternated
-samples): the VNNI kernel (int8 activations) is faster than oneDNN bf16 at every M we tried,
-2.3-3.1x at M=1 (qkv 9.1 vs 26.2 µs, o 11.6 vs 32.6, gate_up 31.5 vs 75.5, down 14.6 vs 33.9,
-head 1218 vs 3262), 1.0-1.8x at M=16, 0.94-1.27x at M=256: no crossover to a dequantize +
-oneDNN path up to 256 rows, so quant_linear has one path. The bf16 kernel (--impl bf16) is
-~1.1x slower than VNNI at M=1 and ~1.5x at M=4-16 (1 thread). Whole decode step's linears,
-weights streamed from memory: 7.1 ms packed vs 20.5 ms bf16 (single-run medians vary ±20% with
-the box's load; 1 thread: 6.9 vs 26.7 ms)."""
+Measured 2026-12-03 (AMD EPYC Zen 4, 2 cores, shared box; 2 threads, median of 15-40 alternated
+samples). --impl vnni (int8 activations) beats oneDNN bf16 at every M tried: 2.3-3.1x at M=1
+(qkv 9.1 vs 26.2 µs, o 11.6 vs 32.6, gate_up 31.5 vs 75.5, down 14.6 vs 33.9, head 1218 vs
+3262), 1.0-1.8x at M=16, 0.94-1.27x at M=256. --impl bf16 (bf16 activations, the default for
+4-bit codes: int8 activations changed the default model's greedy chat answers, see quant.py):
+2.0-2.2x at M=1 (qkv 12.1 vs 26.8, gate_up 34.8 vs 70.4, down 19.9 vs 42.7), 0.9-1.15x at
+M=16, 0.81-0.94x at M=64-256, so a prefill chunk runs up to ~20% slower than oneDNN bf16 on
+these shapes; dequantizing to bf16 per call for oneDNN would cost more than that gap (a
+weight's whole bf16 copy written per call), so there is one path at every M. Whole decode
+step's linears, weights streamed from memory: vnni 7.1 ms vs bf16 20.5 ms (single runs vary
+±20% with the box's load; 1 thread: vnni 6.9, the bf16 kernel 7.7-8.1, oneDNN 26.7 ms)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ the models call, quant_linear and quant_embedding.
 `dequantize` is THE reference: every kernel result is checked against it (tests/
 test_quant_kernels.py). The data layout (16 output rows per tile, float16 scales and mins) is
 described in quant_layout.py; callers treat PackedWeight.data as opaque. quant_linear runs the C
-kernels (cpu/quant_gemv.c through cpu_ops) where they apply and otherwise this module's torch
+kernels (cpu/quant_bf16.c for 4-bit codes, cpu/quant_gemv.c for 8-bit ones, through
+quant_cpu.py and cpu_ops' library) where they apply and otherwise this module's torch
 reference (dequantize, then matmul), so results never depend on whether the C build succeeded."""
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ IMPLS = ("c", "vnni", "bf16", "torch")
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
 if _IMPL not in IMPLS:
     raise ImportError(f"GATEWAY_QUANT_KERNELS={_IMPL!r}: one of {', '.join(IMPLS)}")
-C_KERNEL = "vnni"   # the faster on our shapes (bench/quant_kernels.py); "bf16" is the more accurate
+# The default C kernel: "bf16" (bf16 activations) for 4-bit codes, vnni (int8 activations) for
+# 8-bit ones, which the bf16 kernel does not take. vnni is ~1.1x faster at one row and ~1.5x at
+# 4-16 (bench/quant_kernels.py), but rounding activations to int8 per block of 32 changed greedy
+# chat answers of the default model (Q4_1) against the dequantized path ("What is the capital
+# of France?" no longer answered Paris) and made TP2 disagree with TP1; bf16 activations kept both.
+C_KERNEL = "bf16"
 # NATIVE_KERNELS (module attribute, computed at first read by __getattr__ below, which builds the
 # C library): whether quant_linear runs in C here. Weight loading keeps `--quantization auto`
 # dequantized without them (a dequantize per call is slower than the bf16 path).

@@ -24,17 +24,20 @@ struct bargs {
     int64_t m_rows, nb;
 };
 
+/* One activation row → bf16 (fp32 rounded to nearest even), zero past k, and its block sums. */
 static void prepare_row(const void *x, int dtype, int64_t k, int64_t kp, uint16_t *xb, float *sx) {
     for (int64_t b0 = 0; b0 < kp; b0 += 32) {
-        float buf[32] = {0};
-        const int64_t len = b0 + 32 <= k ? 32 : (k > b0 ? k - b0 : 0);
-        if (len) load_row(x, b0, dtype, len, buf);
-        float sum = 0.f;
-        for (int i = 0; i < 32; i++) {
-            xb[b0 + i] = f32_to_bf16(buf[i]);
-            sum += bf16_to_f32(xb[b0 + i]);
+        __m512 v[2];
+        for (int h = 0; h < 2; h++) {
+            const int64_t i = b0 + 16 * h, left = k - i;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
+            v[h] = load16(x, dtype, i, mask);
         }
-        sx[b0 / 32] = sum;
+        const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]);      /* x[b0..b0+32) as bf16 */
+        _mm512_storeu_si512(xb + b0, packed);
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(packed, 16));  /* the rounded values */
+        const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(packed, _mm512_set1_epi32((int)0xffff0000u)));
+        sx[b0 / 32] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     }
 }
 
@@ -89,10 +92,13 @@ int quant_linear_bf16(const void *x, int64_t m_rows, int dtype, const struct qwe
     uint16_t *xb = aligned_alloc(64, (size_t)((m_rows * w->kp * 2 + 63) / 64 * 64));
     float *sx = malloc(sizeof(float) * m_rows * nb);
     if (!xb || !sx) { free(xb); free(sx); return -1; }
+    const struct bargs a = {w, xb, sx, m_rows, nb};
+#pragma omp parallel if (tiles * m_rows * w->kp > 32768)
+    {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < m_rows; r++)
         prepare_row((const char *)x + r * row_bytes, dtype, w->k, w->kp, xb + r * w->kp, sx + r * nb);
-    const struct bargs a = {w, xb, sx, m_rows, nb};
-#pragma omp parallel for schedule(static) if (tiles * m_rows * w->kp > 32768)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         __m512 acc[BF_MR];
         int64_t r0 = 0;
@@ -104,6 +110,7 @@ int quant_linear_bf16(const void *x, int64_t m_rows, int dtype, const struct qwe
             bf_tile_rows(&a, t, r0, 1, acc);
             store_tile(acc, 1, r0, t, w->n, bias, out, dtype);
         }
+    }
     }
     free(xb); free(sx);
     return 0;
