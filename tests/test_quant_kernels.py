@@ -209,8 +209,8 @@ def test_quant_linear_bf16_on_8_bit_codes_takes_the_vnni_kernel():
     torch.testing.assert_close(quant.quant_linear(x, pw, bias, impl="bf16"), quant.quant_linear(x, pw, bias, impl="vnni"),
                                rtol=0, atol=0)
     assert quant.C_KERNEL == "bf16"    # the default: bf16 activations for 4-bit codes, vnni for 8-bit ones
-    w4 = linear_case("q4_1", 3, 20, 64, torch.float32)
-    assert torch.equal(quant.quant_linear(*w4, impl="c"), quant.quant_linear(*w4, impl="bf16"))
+    pw4, x4, bias4 = linear_case("q4_1", 3, 20, 64, torch.float32)
+    assert torch.equal(quant.quant_linear(x4, pw4, bias4, impl="c"), quant.quant_linear(x4, pw4, bias4, impl="bf16"))
     assert torch.equal(quant.quant_linear(x, pw, bias, impl="c"), quant.quant_linear(x, pw, bias, impl="vnni"))
 
 
