@@ -208,14 +208,34 @@ def test_quant_linear_bf16_on_8_bit_codes_takes_the_vnni_kernel():
     pw, x, bias = linear_case("q8_0", 3, 20, 64, torch.float32)
     torch.testing.assert_close(quant.quant_linear(x, pw, bias, impl="bf16"), quant.quant_linear(x, pw, bias, impl="vnni"),
                                rtol=0, atol=0)
-    assert quant.C_KERNEL == "bf16"    # the default: bf16 activations for 4-bit codes, vnni for 8-bit ones
-    pw4, x4, bias4 = linear_case("q4_1", 3, 20, 64, torch.float32)
+    # the defaults: bf16 x → bf16 activations for 4-bit codes, vnni for 8-bit ones; fp32 x → f32
+    pw4, x4, bias4 = linear_case("q4_1", 3, 20, 64, torch.bfloat16)
     assert torch.equal(quant.quant_linear(x4, pw4, bias4, impl="c"), quant.quant_linear(x4, pw4, bias4, impl="bf16"))
-    assert torch.equal(quant.quant_linear(x, pw, bias, impl="c"), quant.quant_linear(x, pw, bias, impl="vnni"))
+    xb, bb = x.bfloat16(), bias.bfloat16()
+    assert torch.equal(quant.quant_linear(xb, pw, bb, impl="c"), quant.quant_linear(xb, pw, bb, impl="vnni"))
+    for w in (pw, pw4):
+        assert torch.equal(quant.quant_linear(x, w, bias, impl="c"), quant.quant_linear(x, w, bias, impl="f32"))
 
 
 @C_KERNELS
-@pytest.mark.parametrize("impl", ["vnni", "bf16"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_f32_kernel_matches_the_reference(qtype, dtype):
+    """fp32 FMAs on x as given: the reference up to fp32 summation order."""
+    for n, k in SHAPES_BY_TYPE[qtype]:
+        for m in (1, 2, 3, 4, 5, 8, 17, 65):
+            pw, x, bias = linear_case(qtype, m, n, k, dtype)
+            out = quant.quant_linear(x, pw, bias, impl="f32")
+            assert out.dtype == dtype and out.shape == (m, n)
+            w = quant.dequantize(pw)
+            expected = torch.nn.functional.linear(x.float(), w, bias.float())
+            scale = x.float().abs() @ w.abs().t() + bias.float().abs()
+            rel = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+            assert ((out.float() - expected).abs() <= rel * expected.abs() + 1e-6 * scale + 1e-7).all()
+
+
+@C_KERNELS
+@pytest.mark.parametrize("impl", ["vnni", "bf16", "f32"])
 def test_a_rows_result_does_not_depend_on_the_batch(impl):
     """Each row is quantized and summed alone, in one order: the same bits at any M and position
     (batched and single-sequence decoding agree exactly)."""

@@ -5,8 +5,8 @@ the models call, quant_linear and quant_embedding.
 `dequantize` is THE reference: every kernel result is checked against it (tests/
 test_quant_kernels.py). The data layout (16 output rows per tile, float16 scales and mins) is
 described in quant_layout.py; callers treat PackedWeight.data as opaque. quant_linear runs the C
-kernels (cpu/quant_bf16.c for 4-bit codes, cpu/quant_gemv.c for 8-bit ones, through
-quant_cpu.py and cpu_ops' library) where they apply and otherwise this module's torch
+kernels (bf16 x: cpu/quant_bf16.c for 4-bit codes, cpu/quant_gemv.c for 8-bit ones; fp32 x:
+cpu/quant_f32.c; through quant_cpu.py and cpu_ops' library) where they apply and otherwise this module's torch
 reference (dequantize, then matmul), so results never depend on whether the C build succeeded."""
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ from gateway.kernels import quant_layout as layout
 
 GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
-IMPLS = ("c", "vnni", "bf16", "torch")
+IMPLS = ("c", "vnni", "bf16", "f32", "torch")
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
 if _IMPL not in IMPLS:
     raise ImportError(f"GATEWAY_QUANT_KERNELS={_IMPL!r}: one of {', '.join(IMPLS)}")
-# The default C kernel: "bf16" (bf16 activations) for 4-bit codes, vnni (int8 activations) for
-# 8-bit ones, which the bf16 kernel does not take. vnni is ~1.1x faster at one row and ~1.5x at
-# 4-16 (bench/quant_kernels.py), but rounding activations to int8 per block of 32 changed greedy
-# chat answers of the default model (Q4_1) against the dequantized path ("What is the capital
-# of France?" no longer answered Paris) and made TP2 disagree with TP1; bf16 activations kept both.
+# The default C kernel for bf16 activations: "bf16" for 4-bit codes, vnni (int8 activations)
+# for 8-bit ones, which the bf16 kernel does not take. vnni is ~1.1x faster at one row and ~1.5x
+# at 4-16 (bench/quant_kernels.py), but rounding activations to int8 per block of 32 changed
+# greedy chat answers of the default model (Q4_1) against the dequantized path ("What is the
+# capital of France?" no longer answered Paris); bf16 activations kept them. fp32 activations
+# take "f32" (fp32 FMAs, no rounding of x): any rounding step turns a last-bit difference, e.g.
+# a tensor-parallel sum's order, into a different greedy token, and fp32 models promise none.
 C_KERNEL = "bf16"
 # NATIVE_KERNELS (module attribute, computed at first read by __getattr__ below, which builds the
 # C library): whether quant_linear runs in C here. Weight loading keeps `--quantization auto`
@@ -170,16 +172,16 @@ def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
                  impl: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype.
 
-    impl: "c" (the default C kernel, `C_KERNEL`), "vnni" (int8 activations per block,
-    vpdpbusd), "bf16" (bf16 activations, vdpbf16ps; 4-bit codes only, 8-bit ones take vnni),
-    "torch" (the reference). A C kernel that does not apply falls back to the reference. None
+    impl: "c" (the default C kernel: `C_KERNEL` for bf16 x, "f32" for fp32 x), "vnni" (int8
+    activations per block, vpdpbusd), "bf16" (bf16 activations, vdpbf16ps; 4-bit codes only,
+    8-bit ones take vnni), "f32" (fp32 FMAs), "torch" (the reference). A C kernel that does not apply falls back to the reference. None
     takes GATEWAY_QUANT_KERNELS as read at import (default "c")."""
     _check_linear(x, pw)
     impl = impl or _IMPL
     if impl not in IMPLS:
         raise ValueError(f"quant_linear: impl {impl!r} is not one of {', '.join(IMPLS)}")
     if impl != "torch":
-        kernel = C_KERNEL if impl == "c" else impl
+        kernel = ("f32" if x.dtype == torch.float32 else C_KERNEL) if impl == "c" else impl
         out = quant_cpu.linear(x, pw, bias, kernel)
         if out is None and kernel != "vnni":
             out = quant_cpu.linear(x, pw, bias, "vnni")

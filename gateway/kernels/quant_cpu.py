@@ -13,7 +13,7 @@ from gateway.kernels import cpu_ops
 from gateway.kernels import quant_layout as layout
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_fn = None            # {"vnni": quant_linear_vnni, "bf16": quant_linear_bf16}, or False when unavailable
+_fn = None            # {"vnni": quant_linear_vnni, "bf16": ..., "f32": ...}, or False when unavailable
 _rows_fn = None       # the bound quant_rows
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -31,7 +31,7 @@ _described: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _bind():
     global _fn, _rows_fn
     lib = cpu_ops.library()
-    fns = {name: getattr(lib, f"quant_linear_{name}", None) if lib is not None else None for name in ("vnni", "bf16")}
+    fns = {name: getattr(lib, f"quant_linear_{name}", None) if lib is not None else None for name in ("vnni", "bf16", "f32")}
     for f in fns.values():
         if f is not None:
             f.argtypes = [_vp, _i64, _int, _vp, _vp, _vp]
@@ -58,7 +58,8 @@ def _describe(pw) -> tuple[_QWeight, int] | None:
 
 def linear(x: torch.Tensor, pw, bias: torch.Tensor | None, kernel: str = "vnni") -> torch.Tensor | None:
     """x [M, K] @ pw^T (+ bias) with a C kernel ("vnni": int8 activations, quant_gemv.c; "bf16":
-    bf16 activations, 4-bit codes only, quant_bf16.c), or None where it does not apply."""
+    bf16 activations, 4-bit codes only, quant_bf16.c; "f32": fp32 activations and FMAs,
+    quant_f32.c), or None where it does not apply."""
     fns = _fn if _fn is not None else _bind()
     code = _DTYPES.get(x.dtype)
     if not fns or code is None or not x.is_cpu:
