@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from gateway.chat_backends import (DEFAULTS, NULLABLE, SETTINGS, ChatError, HttpBackend, InProcessBackend,
-                                   sampling_fields)
-from gateway.sampling.params import SamplingParams, SamplingParamsError
+from gateway.chat_backends import ChatError, ChatSettings, HttpBackend, InProcessBackend
 
 COMMANDS_HELP = "commands: exit | clear | config | config set key=value | history | revert_to N"
 
@@ -35,13 +32,13 @@ class ChatSession:
             raise ValueError("--max-history must be at least 1")
         self.max_history = max_history
         self.turns: list[tuple[str, str]] = []          # (user, assistant)
-        self.settings = dict(DEFAULTS)
+        self.settings = ChatSettings()
         for key, value in settings.items():
             if value is not None:
                 self.set(key, str(value))
 
     def messages(self, user_text: str) -> list[dict]:
-        system = self.settings["system"]
+        system = self.settings.system
         out = [{"role": "system", "content": system}] if system else []
         for user, reply in self.turns:
             out += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -65,27 +62,11 @@ class ChatSession:
 
     def set(self, key: str, text: str) -> None:
         """Change one setting; ValueError with a message for unknown keys and bad values."""
-        if key not in SETTINGS:
-            raise ValueError(f"unknown setting {key!r}; settings: {', '.join(SETTINGS)}")
-        if key in NULLABLE and text.strip().lower() in ("none", "null", ""):
-            value = None
-        else:
-            try:
-                value = SETTINGS[key](text.strip() if key != "system" else text)
-            except ValueError:
-                value = None
-            if value is None or (isinstance(value, float) and not math.isfinite(value)):
-                kind = "an integer" if SETTINGS[key] is int else "a finite number"
-                raise ValueError(f"{key} must be {kind}, got {text.strip()!r}")
-        candidate = {**self.settings, key: value}
-        try:
-            SamplingParams(**sampling_fields(candidate, max_tokens_fallback=1))
-        except SamplingParamsError as exc:
-            raise ValueError(str(exc)) from None
-        self.settings = candidate
+        self.settings = self.settings.with_text(key, text)
 
     def config_lines(self) -> list[str]:
-        return [f"{key} = {'(none)' if value is None else value}" for key, value in self.settings.items()]
+        return [f"{key} = {'(none)' if value is None else value}"
+                for key, value in asdict(self.settings).items()]
 
     def history_lines(self) -> list[str]:
         lines = []
@@ -186,7 +167,7 @@ class ChatLoop:
                 if not sep:
                     raise ValueError("usage: config set key=value")
                 session.set(key.strip(), value)
-                self._say(f"{key.strip()} = {session.settings[key.strip()]}")
+                self._say(f"{key.strip()} = {getattr(session.settings, key.strip())}")
             elif command.name == "history":
                 self._say("\n".join(session.history_lines()))
             elif command.name == "revert_to":

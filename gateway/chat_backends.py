@@ -9,34 +9,79 @@ connection is the abort. Failures the chat survives are ChatError."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 
 import orjson
 
-from gateway.sampling.params import SamplingParams
-
-# setting → parser of its text value; "none" unsets the nullable ones
-SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int,
-            "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-            "seed": int, "system": str}
-NULLABLE = {"max_tokens", "seed", "system"}
-DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": None,
-            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "seed": None,
-            "system": None}
+from gateway.sampling.params import SamplingParams, SamplingParamsError
 
 
 class ChatError(RuntimeError):
     """A reply failed (rejected prompt, server error); the chat goes on."""
 
 
-def sampling_fields(settings: dict, max_tokens_fallback: int | None = None) -> dict:
-    """The settings that are SamplingParams fields (max_tokens None → the fallback, or left out)."""
-    fields = {k: v for k, v in settings.items() if k != "system"}
-    if fields["max_tokens"] is None:
-        fields.pop("max_tokens")
-        if max_tokens_fallback is not None:
-            fields["max_tokens"] = max_tokens_fallback
-    return fields
+_UNSET_WORDS = ("none", "null", "")
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The sampling settings and system prompt a chat sends with every turn (`config set`)."""
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    system: str | None = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def with_text(self, key: str, text: str) -> "ChatSettings":
+        """A copy with one setting parsed from its text; ValueError says what is wrong."""
+        if key not in self.names():
+            raise ValueError(f"unknown setting {key!r}; settings: {', '.join(self.names())}")
+        kind = {f.name: f.type for f in fields(self)}[key]
+        if "None" in kind and text.strip().lower() in _UNSET_WORDS:
+            value = None
+        elif key == "system":
+            value = text
+        else:
+            parse = int if kind.startswith("int") else float
+            try:
+                value = parse(text.strip())
+            except ValueError:
+                value = None
+            if value is None or (parse is float and not math.isfinite(value)):
+                raise ValueError(f"{key} must be {'an integer' if parse is int else 'a finite number'}, "
+                                 f"got {text.strip()!r}")
+        candidate = replace(self, **{key: value})
+        try:
+            SamplingParams(**candidate.sampling_fields(max_tokens_fallback=1))
+        except SamplingParamsError as exc:
+            raise ValueError(str(exc)) from None
+        return candidate
+
+    def sampling_fields(self, max_tokens_fallback: int | None = None) -> dict:
+        """The SamplingParams fields (max_tokens None → the fallback, or left out)."""
+        out = {k: v for k, v in asdict(self).items() if k != "system"}
+        if out["max_tokens"] is None:
+            out.pop("max_tokens")
+            if max_tokens_fallback is not None:
+                out["max_tokens"] = max_tokens_fallback
+        return out
+
+    def non_default_fields(self) -> dict:
+        """What an OpenAI server needs to hear: its own fields when set, ours when changed."""
+        default = ChatSettings()
+        return {k: v for k, v in self.sampling_fields().items() if v is not None
+                and (k in ("temperature", "top_p", "max_tokens", "seed") or v != getattr(default, k))}
 
 
 class InProcessBackend:
@@ -47,15 +92,15 @@ class InProcessBackend:
         self.llm = llm
         self.name = llm.core.source.name
 
-    def stream(self, messages: list[dict], settings: dict) -> Iterator[str]:
+    def stream(self, messages: list[dict], settings: ChatSettings) -> Iterator[str]:
         prompt = self.llm.encode(messages, template="chat")
         room = self.llm.core.max_model_len - len(prompt)
         if room < 1:
             raise ChatError(f"the conversation ({len(prompt)} tokens) fills the model's context "
                             f"({self.llm.core.max_model_len}); use clear or revert_to")
-        fields = sampling_fields(settings)
-        fields["max_tokens"] = min(fields.get("max_tokens", room), room)
-        return self._deltas(prompt, SamplingParams(**fields))
+        sampling = settings.sampling_fields()
+        sampling["max_tokens"] = min(sampling.get("max_tokens", room), room)
+        return self._deltas(prompt, SamplingParams(**sampling))
 
     def _deltas(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         from gateway.engine.errors import RequestRejectedError
@@ -94,10 +139,8 @@ class HttpBackend:
             raise ValueError(f"{self.base_url}/models lists no model; pass --model")
         return models[0]["id"]
 
-    def stream(self, messages: list[dict], settings: dict) -> Iterator[str]:
-        body = {"model": self.name, "messages": messages, "stream": True}
-        body.update({k: v for k, v in sampling_fields(settings).items()   # non-OpenAI fields only when set
-                     if v is not None and (k in ("temperature", "top_p", "max_tokens", "seed") or v != DEFAULTS[k])})
+    def stream(self, messages: list[dict], settings: ChatSettings) -> Iterator[str]:
+        body = {"model": self.name, "messages": messages, "stream": True, **settings.non_default_fields()}
         return self._deltas(body)
 
     def _deltas(self, body: dict) -> Iterator[str]:
