@@ -127,6 +127,11 @@ def test_deadline_header_aborts_the_request_with_408_and_frees_its_blocks(live):
     assert error["type"] == "RequestTimeoutError" and error["code"] == "request_timeout"
     assert "deadline of 0.5 s" in error["message"]
     assert status == 200 and frames[-1] == "[DONE]" and frames[-2]["error"]["code"] == "request_timeout"
+    # the aborts reach the engine thread through its inbox after the answers went out: a
+    # loaded box may need a moment (bounded: an abort that never lands fails here)
+    give_up = time.monotonic() + 10
+    while live.engine.core.requests and time.monotonic() < give_up:
+        time.sleep(0.02)
     assert live.blocks_in_use() == 0 and not live.engine.core.requests
 
 
@@ -204,9 +209,9 @@ def test_a_poisoned_request_fails_alone_while_the_others_complete(live):
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 16
     assert good_status == 200 and good_frames[-1] == "[DONE]" and "error" not in good_frames[-2]
     assert sum(len(c["text"]) > 0 for f in good_frames[:-1] for c in f["choices"]) > 0
-    error = error_of(bad, 500)
-    assert error["code"] == "engine_error" and "injected detokenizer failure" not in error["message"]   # log only
-    assert bad_status == 200 and bad_frames[-2]["error"]["code"] == "engine_error"
+    error = error_of(bad, 422)   # the request's own fault: no 5xx, and the server goes on
+    assert error["code"] == "request_failed" and "injected detokenizer failure" not in error["message"]   # log only
+    assert bad_status == 200 and bad_frames[-2]["error"]["code"] == "request_failed"
     assert "the template refuses BOOM" in error_of(boom, 400)["message"]
     assert isinstance(bias, RequestRejectedError) and bias.param == "logit_bias"
     assert live.engine.is_alive and live.blocks_in_use() == 0

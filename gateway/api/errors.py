@@ -22,7 +22,8 @@ log = logging.getLogger("gateway.api")
 ERROR_TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
     404: "NotFoundError", 405: "MethodNotAllowedError", 408: "RequestTimeoutError",
-    413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 429: "RateLimitError",
+    413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 422: "UnprocessableEntityError",
+    429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }

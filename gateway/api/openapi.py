@@ -127,7 +127,7 @@ def _op(summary: str, body: str | None = None, ok: str = "application/json", err
     return op
 
 
-_GEN_ERRORS = (400, 404, 408, 413, 429, 500, 503)
+_GEN_ERRORS = (400, 404, 408, 413, 422, 429, 500, 503)   # 422: that request's own generation failed
 _TIMEOUT_HEADER = {"name": "X-Request-Timeout", "in": "header", "required": False,
                    "schema": {**_NUM, "exclusiveMinimum": 0},
                    "description": "seconds from arrival before the request is aborted with 408 (an error "

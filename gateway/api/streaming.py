@@ -59,7 +59,10 @@ class ChoiceState:
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
             if self.finish_reason == "error":   # out.error is written for the client (core.py logs the cause)
-                raise APIError(500, f"generation failed: {out.error or 'engine error'}", code="engine_error")
+                # 422, not 500: the fault belongs to this request alone (its sampling values, its
+                # tokens), the engine and every other request go on, and a retry would fail again
+                raise APIError(422, f"generation failed for this request: {out.error or 'engine error'}",
+                               code="request_failed")
             if self.finish_reason == "abort":   # we did not ask for it: the engine is going away
                 raise APIError(503, "the engine aborted the request", code="engine_abort")
 
