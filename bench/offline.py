@@ -3,6 +3,7 @@ workload through transformers' generate (batched, left-padded) for comparison.
 
     python bench/offline.py --num-prompts 64 --input-len 256 --output-len 128 --hf
     python bench/offline.py --profile     # one decode step at batch 64 under torch.profiler
+    python bench/offline.py --profile --profile-batch 1 --num-prompts 1 --quantization none   # A/B
     python bench/offline.py --single-stream --num-prompts 8 --input-len 128 --output-len 128
 
 --single-stream streams the prompts one after another (concurrency 1) and prints TTFT and
@@ -27,7 +28,8 @@ def bench_gateway(args, prompts) -> float:
     from gateway.sampling.params import SamplingParams
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes, num_threads=args.threads)
+              max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes, num_threads=args.threads,
+              quantization=args.quantization)
     params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True, temperature=0)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))     # warm-up, as bench/serve.py's
     if args.single_stream:
@@ -39,7 +41,7 @@ def bench_gateway(args, prompts) -> float:
     print(f"gateway      : {len(prompts)} prompts, {out_tokens} output tokens in {elapsed:.1f} s "
           f"= {out_tokens / elapsed:.1f} output tok/s ({(out_tokens + sum(map(len, prompts))) / elapsed:.1f} total tok/s)")
     if args.profile:
-        profile_decode(llm, prompts)
+        profile_decode(llm, prompts, args.profile_batch)
     return out_tokens / elapsed
 
 
@@ -64,13 +66,13 @@ def bench_single_stream(llm, prompts, params) -> float:
     return out_tokens / elapsed
 
 
-def profile_decode(llm, prompts) -> None:
-    """Fill the batch with decoding sequences, then profile a single step."""
+def profile_decode(llm, prompts, batch: int) -> None:
+    """Fill the batch with `batch` decoding sequences, then profile a single step."""
     from torch.profiler import ProfilerActivity, profile
     from gateway.engine.messages import EngineRequest
     from gateway.sampling.params import SamplingParams
     params = SamplingParams(max_tokens=64, min_tokens=64, ignore_eos=True, temperature=0)
-    for i, p in enumerate(prompts[:64]):
+    for i, p in enumerate(prompts[:batch]):
         llm.core.add_request(EngineRequest(f"prof-{i}", p, params))
     for _ in range(8):
         llm.core.step()
@@ -116,7 +118,10 @@ def main() -> None:
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--hf-dtype", default="float32", choices=["bfloat16", "float32"],
                    help="transformers' dtype (fp32 is its faster CPU path: F.linear in bf16 is not prepacked)")
-    p.add_argument("--profile", action="store_true", help="profile one decode step at batch 64")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="as `gateway serve --quantization` (none: the GGUF dequantized to bf16)")
+    p.add_argument("--profile", action="store_true", help="profile one decode step (at --profile-batch)")
+    p.add_argument("--profile-batch", type=int, default=64)
     p.add_argument("--single-stream", action="store_true", help="one prompt at a time: TTFT and ITL")
     args = p.parse_args()
     prompts = random_prompts(args.num_prompts, args.input_len, 49152)

@@ -16,7 +16,8 @@ each retrying a 429 after its Retry-After → poll /ready until kv_blocks_in_use
 gateway:num_preemptions_total from /metrics → print the figures → stop the server by PID.
 With --duration S the plan has no end: clients keep taking requests until S seconds have
 passed, then finish the one in hand. --mix names the shares (soak_plan.MIXES). The server's
-RSS (its process and children, from /proc) is read once it is ready and again at the end.
+RSS (its process and children, from /proc) is read once it is ready, every RSS_EVERY_S
+seconds while the load runs (a leak grows steadily; warm-up levels off), and at the end.
 
 Exit status 1 when any request was lost (accepted but never finished), any response or error
 frame was a 5xx, KV blocks are still in use, an outcome contradicts the request's kind (an
@@ -31,6 +32,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -46,6 +48,7 @@ from soak_plan import MIXES, PRESSURE_BURST, Item, Result, build_plan, iter_plan
 SERVER_ARGS = ["--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", "512",
                "--max-num-seqs", "32", "--max-waiting-requests", "8"]
 START_TIMEOUT_S = 900
+RSS_EVERY_S = 60
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,6 +175,13 @@ def split_plan(args: argparse.Namespace) -> tuple[list[Item], Iterable[Item]]:
     return list(itertools.islice(endless, PRESSURE_BURST)), endless
 
 
+def sample_rss(pid: int, samples: list, stop: threading.Event) -> None:
+    """Append (seconds since start, RSS MB) every RSS_EVERY_S until stop is set."""
+    started = time.monotonic()
+    while not stop.wait(RSS_EVERY_S):
+        samples.append((round(time.monotonic() - started), rss_mb(pid)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -185,16 +195,22 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url or server.url
         burst, rest = split_plan(args)
         rss_start = rss_mb(server.proc.pid) if server is not None else None
+        rss_samples: list = []
+        stop_sampling = threading.Event()
+        if server is not None:
+            threading.Thread(target=sample_rss, args=(server.proc.pid, rss_samples, stop_sampling), daemon=True).start()
         start = time.monotonic()
         until = None if args.duration is None else start + args.duration
         results = asyncio.run(run_plan(url, burst, len(burst), headers, args.request_timeout))
         results += asyncio.run(run_plan(url, rest, args.concurrency, headers, args.request_timeout, until))
         elapsed = time.monotonic() - start
+        stop_sampling.set()
         figures = summarize(results)
         figures["KV blocks in use at the end"] = blocks_in_use(url, headers)
         figures["preemptions observed"] = preemptions(url, headers)
         figures["requests by kind"] = dict(Counter(r.kind for r in results))
         figures["server RSS MB at start, end"] = [rss_start, rss_mb(server.proc.pid) if server else None]
+        figures["server RSS MB every minute"] = [mb for _, mb in rss_samples]
         report(figures, elapsed, args.concurrency)
         for r in [r for r in results if not r.as_expected or r.outcome == "lost"][:10]:
             print(f"  ! {r.kind}: status {r.status}, outcome {r.outcome}, {r.detail[:200]}")
