@@ -32,6 +32,7 @@ from gateway.executor.interface import Executor, StepResult
 from gateway.executor.placement import threads_per_rank
 from gateway.models import registry
 from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
+from gateway.sampling.grammar import GrammarError, GrammarFactory
 from gateway.scheduler.prefix_pins import PrefixPins
 from gateway.scheduler.scheduler import Scheduler
 from gateway.scheduler.sequence import Sequence
@@ -41,6 +42,7 @@ log = logging.getLogger("gateway.engine")
 # What a client reads when its request alone failed (details go to the server log).
 POSTPROCESS_FAILED = "this request failed while its output was being processed; the server log has the details"
 INVALID_TOKEN = "the sampler produced no valid token for this request"
+GRAMMAR_REJECTED = "the sampled token broke this request's grammar; the server log has the details"
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = _eos_ids(hf_config, self.tokenizer, generation_defaults(self.source))
         self.runner: Executor = create_executor(config, self.source, hf_config, self.eos_token_ids)
+        self.grammars = GrammarFactory(self.tokenizer, self.runner.arch.vocab_size, self.eos_token_ids)
         try:
             self._build_scheduler(config)
         except BaseException:
@@ -133,6 +136,11 @@ class EngineCore:
             raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if any(t < 0 or t >= vocab for t in request.params.logit_bias):
             raise RequestRejectedError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        if (key := request.params.grammar_key) is not None:
+            try:   # a template per grammar (cached), built here rather than in admit's step
+                self.grammars.new_state(key)
+            except GrammarError as exc:
+                raise RequestRejectedError(f"invalid {key[0]}: {exc}", key[0]) from None
 
     def add_request(self, request: EngineRequest) -> None:
         """check_request, then admit (offline callers: LLM, the warm-up)."""
@@ -143,6 +151,8 @@ class EngineCore:
         """Queue an already checked request for scheduling."""
         seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params,
                        arrival_time=request.arrival_time)
+        if (key := request.params.grammar_key) is not None:
+            seq.grammar = self.grammars.new_state(key)   # a deep copy of check_request's template
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params)
         self.requests[request.request_id] = _Tracked(seq, detok)
@@ -227,6 +237,9 @@ class EngineCore:
         tracked = self.requests[seq.request_id]
         params = seq.params
         reason, stop_reason, text = None, None, ""
+        if seq.grammar is not None and not seq.grammar.advance(token):
+            log.error("request %s: the grammar rejected token %d: %s", seq.request_id, token, seq.grammar.error)
+            return self._fail(seq, GRAMMAR_REJECTED)
         if token in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
         elif token in params.stop_token_ids:
@@ -235,6 +248,8 @@ class EngineCore:
             text, stop_string = tracked.detokenizer.step([token])
             if stop_string is not None:
                 reason, stop_reason = "stop", stop_string
+        if reason is None and seq.grammar is not None and seq.grammar.is_stopped:
+            reason = "stop"   # the grammar allows nothing but EOS now: end without that step
         if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

@@ -24,6 +24,9 @@ log = logging.getLogger("gateway.sampling")
 GREEDY_EPS = 1e-5
 _U64 = (1 << 64) - 1
 GATHER_FAILED = "this request's sampling parameters could not be applied"
+GRAMMAR_FAILED = "this request's grammar could not be applied"
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+_executor = None
 
 
 @dataclass
@@ -44,10 +47,11 @@ class _Columns:
     counted: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, output ids)
     seen: list[tuple[int, list[int]]] = field(default_factory=list)     # (row, prompt+output ids)
     seeds: list[tuple[int, int]] = field(default_factory=list)          # (row, generator seed)
+    grammar: list[tuple[int, object]] = field(default_factory=list)     # (row, GrammarState)
 
     PER_ROW = ("greedy", "temperature", "top_k", "top_p", "min_p", "presence", "frequency",
                "repetition", "logprobs")
-    ENTRIES = ("bias", "banned", "counted", "seen", "seeds")
+    ENTRIES = ("bias", "banned", "counted", "seen", "seeds", "grammar")
 
     def add(self, row: int, seq: Sequence, vocab_size: int, eos: set[int]) -> None:
         """Everything is computed before anything is appended, so a row that raises leaves
@@ -68,9 +72,14 @@ class _Columns:
         seen = [(row, seq.token_ids)] if p.repetition_penalty != 1.0 else []
         # hash of a tuple of ints is stable across processes (no PYTHONHASHSEED salt).
         seeds = [(row, hash((p.seed, seq.num_output_tokens)) & _U64)] if p.seed is not None and not greedy else []
+        grammar = []
+        if seq.grammar is not None:
+            if seq.grammar.consumed != seq.num_output_tokens:
+                seq.grammar.sync(seq.output_token_ids)
+            grammar = [(row, seq.grammar)]
         for name, value in zip(self.PER_ROW, values):
             getattr(self, name).append(value)
-        for name, entries in zip(self.ENTRIES, (bias, banned, counted, seen, seeds)):
+        for name, entries in zip(self.ENTRIES, (bias, banned, counted, seen, seeds, grammar)):
             getattr(self, name).extend(entries)
 
     def add_neutral(self, vocab_size: int) -> None:
@@ -116,6 +125,36 @@ def _token_counts(rows_tokens: list[tuple[int, list[int]]], shape, device) -> to
     return counts
 
 
+def grammar_mask(states: list, vocab_size: int, device) -> torch.Tensor:
+    """[G, V] bool, True where each state's grammar allows the token: one llguidance call
+    fills every row's bitmask (in parallel, GIL released), unpacked in one vector op."""
+    global _executor
+    if _executor is None:
+        from llguidance import LLExecutor
+        _executor = LLExecutor()
+    words = (vocab_size + 31) // 32
+    bitmask = torch.empty((len(states), words), dtype=torch.int32)
+    _executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)],
+                                      bitmask.data_ptr(), words * 4, len(states))
+    bitmask = bitmask.to(device)
+    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS.to(device)) & 1
+    return bits.view(len(states), -1)[:, :vocab_size].bool()
+
+
+def _grammar_allowed(cols: _Columns, vocab_size: int, device, failed: dict[int, str]) -> torch.Tensor | None:
+    """The grammar rows' masks (None when no row has a grammar). If llguidance raises, the
+    grammar rows alone are failed and sample unconstrained (their tokens are void)."""
+    if not cols.grammar:
+        return None
+    try:
+        return grammar_mask([state for _, state in cols.grammar], vocab_size, device)
+    except Exception:
+        log.exception("computing the grammar masks failed; those requests alone are failed")
+        failed.update({row: GRAMMAR_FAILED for row, _ in cols.grammar})
+        cols.grammar = []
+        return None
+
+
 @dataclass
 class SamplingBatch:
     num_rows: int
@@ -136,6 +175,8 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # rows, tokens, values
     banned: tuple[torch.Tensor, torch.Tensor] | None                # rows, tokens → -inf
     seeds: list[tuple[int, int]]
+    allowed: torch.Tensor | None          # [G, V] bool: the grammar rows' allowed tokens
+    grammar_index: torch.Tensor | None    # [G] long: which rows those are
     logprobs: list[int | None]            # per row: k alternatives, or None
     logprob_rows: list[int]               # rows that asked, in order
     logprob_index: torch.Tensor | None    # the same, on the device
@@ -145,7 +186,8 @@ class SamplingBatch:
 
     @property
     def mutates_logits(self) -> bool:
-        return any(x is not None for x in (self.bias, self.banned, self.repetition, self.presence, self.frequency))
+        return any(x is not None for x in (self.allowed, self.bias, self.banned, self.repetition,
+                                           self.presence, self.frequency))
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: set[int], device) -> SamplingBatch:
@@ -188,6 +230,9 @@ class SamplingBatch:
             seen=_token_counts(cols.seen, shape, device) > 0 if repetition is not None else None,
             bias=_sparse(cols.bias, device), banned=_sparse(cols.banned, device),
             seeds=cols.seeds, logprobs=cols.logprobs,
+            allowed=_grammar_allowed(cols, vocab_size, device, failed),
+            grammar_index=torch.tensor([r for r, _ in cols.grammar], dtype=torch.long, device=device)
+            if cols.grammar else None,
             logprob_rows=asked,
             logprob_index=torch.tensor(asked, dtype=torch.long, device=device) if asked else None,
             columns=cols, device=device, failed=failed,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gateway.sampling.grammar import GrammarError, compile_grammar, grammar_key
+
 MAX_TEMPERATURE = 100.0
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
@@ -39,6 +41,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None        # None → no logprobs; k → sampled token + top-k alternatives
     skip_special_tokens: bool = True
+    # Constrained decoding (sampling/grammar.py): at most one of them.
+    json_schema: dict | str | None = None   # a JSON schema (dict or its JSON text)
+    regex: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +67,26 @@ class SamplingParams:
         for ok, name, message in checks:
             if not ok:
                 raise SamplingParamsError(name, f"{name} {message}")
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        if self.json_schema is not None and self.regex is not None:
+            raise SamplingParamsError("json_schema", "json_schema and regex cannot be combined")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise SamplingParamsError("json_schema", "json_schema must be a JSON schema object or its JSON text")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise SamplingParamsError("regex", "regex must be a string")
+        key = self.grammar_key
+        if key is not None:
+            try:
+                compile_grammar(*key)   # cached: replace() per choice compiles nothing again
+            except GrammarError as exc:
+                raise SamplingParamsError(key[0], f"invalid {key[0]}: {exc}") from None
+
+    @property
+    def grammar_key(self) -> tuple[str, str] | None:
+        """(kind, source) of the grammar constraining this request, or None."""
+        return grammar_key(self.json_schema, self.regex)
 
     @property
     def greedy(self) -> bool:

@@ -2,12 +2,12 @@
 
 Vectorized over the batch (the rows' parameters arrive gathered in a SamplingBatch, see
 batch.py), never mutating the caller's logits. In order:
-    logit_bias → min_tokens mask → repetition penalty → presence/frequency penalty
+    grammar mask → logit_bias → min_tokens mask → repetition penalty → presence/frequency penalty
     → logprobs taken → greedy rows: argmax
     → temperature → top-k / top-p (one threshold per row) → min-p → draw
 then exactly ONE device-to-host copy of everything the host needs.
 
-Logprobs are log_softmax of the logits after bias, penalties and the min_tokens mask,
+Logprobs are log_softmax of the logits after the grammar mask, bias, penalties and the min_tokens mask,
 before temperature and truncation: the model's distribution as the request shaped it,
 not the tempered/truncated one the token was drawn from, so they stay comparable across
 temperatures (as OpenAI reports them).
@@ -54,11 +54,14 @@ class SamplerOutput:
 
 
 def _process(logits: torch.Tensor, b: SamplingBatch, safe: bool = False) -> torch.Tensor:
-    """bias → min_tokens → penalties, on a float32 copy (the caller's tensor is left alone);
+    """grammar mask → bias → min_tokens → penalties, on a float32 copy (the caller's tensor is left alone);
     `safe` also makes the result finite-or--inf (guards.sanitize_)."""
     if not b.mutates_logits and not safe:
         return logits.to(torch.float32)
     logits = logits.to(torch.float32, copy=True)
+    if b.allowed is not None:   # first, so every later stage and logprobs see the constraint
+        rows = b.grammar_index
+        logits[rows] = logits[rows].masked_fill_(~b.allowed, float("-inf"))
     if b.bias is not None:
         logits.index_put_(b.bias[:2], b.bias[2], accumulate=True)
     if b.banned is not None:

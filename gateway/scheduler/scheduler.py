@@ -178,6 +178,7 @@ class Scheduler:
         self.kv_cache.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.grammar = None   # the matcher's memory goes now, whatever ended the request
         del self._unfinished[seq.request_id]
 
     # ------------------------------------------------------------------ a step

@@ -38,6 +38,9 @@ class Sequence:
     recompute_until: int = 0
     finish_reason: str | None = None        # stop | length | abort | error
     first_scheduled_time: float | None = None
+    # sampling.grammar.GrammarState when the request is constrained; dropped when it finishes.
+    # Preemption by recompute keeps the output tokens, so the state stays valid across it.
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
