@@ -48,6 +48,18 @@ _SAMPLING = {
     "user": {**_STR, "description": "accepted, unused"},
     "metadata": {"type": "object", "description": "accepted, unused"},
     "store": {"const": False, "description": "only false: nothing is stored"},
+    "response_format": {"oneOf": [
+        {"type": "object", "required": ["type"], "additionalProperties": False,
+         "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+         "properties": {"type": {"const": "json_schema"}, "json_schema": {
+             "type": "object", "required": ["name"], "additionalProperties": False,
+             "properties": {"name": {**_STR, "minLength": 1}, "schema": {"type": "object"},
+                            "strict": _BOOL, "description": _STR}}}}],
+        "description": "constrains the output to JSON (any object, or one matching the schema); "
+                       "at most one of response_format, guided_json, guided_regex"},
+    "guided_json": {"anyOf": [{"type": "object"}, _STR], "description": "vLLM: a JSON schema"},
+    "guided_regex": {**_STR, "description": "vLLM: the output matches this regex"},
 }
 _NULLABLE_SAMPLING = {k: _nullable(v) for k, v in _SAMPLING.items()}
 

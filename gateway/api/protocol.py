@@ -7,7 +7,8 @@ Parsing is pure (no engine calls, no I/O) and happens in two steps:
    / CompletionRequest that holds an already-validated SamplingParams template.
 2. `finalize_params`, called after tokenization, fixes the per-choice max_tokens (by default
    the rest of the context window) and seed; whether they fit is the engine's admission check.
-The exact OpenAI response, chunk and logprobs objects are built in responses.py.
+The exact OpenAI response, chunk and logprobs objects are built in responses.py; structured
+output (`response_format`, `guided_json`, `guided_regex`) is parsed in structured.py.
 
 Accepted although they change nothing we compute: `user`, `metadata` (bookkeeping tags) and
 `store` (false only: we store nothing). A field in UNSUPPORTED may be sent as null.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from gateway.api import structured
 from gateway.api.errors import invalid, model_not_found
 from gateway.sampling.params import SamplingParams, SamplingParamsError
 
@@ -40,13 +42,13 @@ SAMPLING_FIELDS = {
     "seed": "integer", "min_tokens": "integer", "ignore_eos": "boolean", "skip_special_tokens": "boolean",
 }
 _COMMON = {"model", "max_tokens", "n", "stream", "stream_options", "stop", "stop_token_ids",
-           "logit_bias", "user", "metadata", "store", *SAMPLING_FIELDS}
+           "logit_bias", "user", "metadata", "store", *SAMPLING_FIELDS, *structured.FIELDS}
 CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "logprobs", "best_of", "suffix"})
 UNSUPPORTED = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls",
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
     "audio", "modalities", "prediction", "logits_processors", "web_search_options", "reasoning_effort",
-    "service_tier", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "service_tier", "guided_choice", "guided_grammar",
     "structured_outputs", "verbosity",
 })
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -179,6 +181,9 @@ def _common(body: dict, info: ModelInfo, logprobs: int | None, max_tokens: int |
         raise invalid("seed", "`seed` must be a signed 64-bit integer")
     kwargs["stop"], kwargs["stop_token_ids"] = _stops(body, info)
     kwargs["logit_bias"] = _logit_bias(body, info)
+    constraint, source = structured.parse(body)
+    kwargs.update(constraint)
+    rename = {"json_schema": source, "regex": source, **rename}
     try:   # validate now so range errors need no tokenization; max_tokens is re-checked later
         limit = info.max_model_len if max_tokens is None else max_tokens
         params = SamplingParams(max_tokens=limit, logprobs=logprobs, **kwargs)
