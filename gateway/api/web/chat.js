@@ -77,6 +77,7 @@ function bindKeyDialog() {
     const retry = state.retryAfterKey;
     state.retryAfterKey = null;
     if (retry) retry();
+    else if (!$("model").options.length) loadModels();   // e.g. a key entered after a refused answer
   };
   $("key-save").addEventListener("click", save);
   $("key-input").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); save(); } });
@@ -434,7 +435,7 @@ function scheduleRender(turn) {
 const INLINE = new RegExp([
   "(`+)([\\s\\S]*?[^`])\\1(?!`)",                   // 1,2: code span
   "\\*\\*(?=\\S)([\\s\\S]*?\\S)\\*\\*",              // 3: strong
-  "__(?=\\S)([\\s\\S]*?\\S)__",                      // 4: strong
+  "(?<!\\w)__(?=\\S)([\\s\\S]*?\\S)__(?!\\w)",      // 4: strong; never inside a word (snake__case)
   "\\*(?=[^\\s*])([^*]*?[^\\s*])\\*",                // 5: emphasis
   "\\[([^\\]\\n]+)\\]\\(([^)\\s]+)\\)",              // 6,7: link
   "(https?:\\/\\/[^\\s<>()\\[\\]]*[^\\s<>()\\[\\].,;:!?'\"])",   // 8: bare URL
