@@ -184,10 +184,12 @@ def test_a_forward_fault_ends_every_in_flight_request_with_an_error(tiny_llama_d
                 await asyncio.sleep(0.01)
 
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
-            running = [asyncio.Event() for _ in range(3)]
-            streams = [asyncio.create_task(stream(client, "/v1/completions", body, first_token=e)) for e in running[:2]]
+            running = [asyncio.Event() for _ in range(2)]
+            streams = [asyncio.create_task(stream(client, "/v1/completions", body, first_token=e)) for e in running]
+            # The streams hold two of the three slots before the plain posts go out: posted together, the
+            # plain ones could take all three slots first and the streams would only start after them.
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in running)), 30)
             plain = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(3)]
-            await asyncio.gather(*(e.wait() for e in running[:2]))
             await asyncio.wait_for(until_two_wait(), 30)
 
             def broken(scheduled):
