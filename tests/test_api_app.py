@@ -172,7 +172,8 @@ def test_chat_response_has_the_openai_shape():
     assert body["model"] == "fake-model" and isinstance(body["created"], int)
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "abcd"},
                                 "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": PROMPT_LEN, "completion_tokens": 4, "total_tokens": PROMPT_LEN + 4}
+    assert body["usage"] == {"prompt_tokens": PROMPT_LEN, "completion_tokens": 4, "total_tokens": PROMPT_LEN + 4,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert engine.submitted[0].request_id == body["id"] + "-0"
     assert engine.submitted[0].prompt_token_ids == engine.encode("<user>hi<assistant>")
 
@@ -204,7 +205,7 @@ def test_include_usage_adds_a_usage_chunk_with_no_choices():
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": PROMPT_LEN, "completion_tokens": 6,
-                                   "total_tokens": PROMPT_LEN + 6}
+                                   "total_tokens": PROMPT_LEN + 6, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_n_fans_out_with_seed_plus_index():
@@ -249,7 +250,8 @@ def test_completion_with_echo_and_token_prompt():
     body = client.post("/v1/completions", json={"prompt": [72, 105], "max_tokens": 2, "echo": True}).json()
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert body["choices"] == [{"index": 0, "text": "Hiab", "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert engine.submitted[0].prompt_token_ids == [72, 105]
 
 

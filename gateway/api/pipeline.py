@@ -150,7 +150,7 @@ class Pipeline:
         timeout = request_timeout(request, self.config)
         ctx = ResponseContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), self.info.name,
                               self.engine.token_str, sum(map(len, prompts)), req.include_usage, echo,
-                              req.params.logprobs is not None)
+                              req.params.logprobs is not None, n=req.n)
         requests = [EngineRequest(f"{ctx.rid}-{p * req.n + i}", list(ids),
                                   P.finalize_params(req, i, len(ids), self.info, param), arrival)
                     for p, ids in enumerate(prompts) for i in range(req.n)]

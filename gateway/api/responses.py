@@ -17,9 +17,11 @@ def _lp(value: float) -> float:
     return value if math.isfinite(value) else -9999.0
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """cached_tokens: prompt tokens the prefix cache supplied (OpenAI's cost-accounting field)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_str: TokenStr) -> dict:

@@ -39,9 +39,19 @@ class ResponseContext:
     include_usage: bool = False
     echo_texts: list[str] | None = None   # completions with echo: the prompt text per choice
     logprobs: bool = False                # the client asked for logprobs
+    n: int = 1                            # choices per prompt (states are prompt-major)
+
+    def cached_tokens(self, states: list[ChoiceState]) -> int:
+        """Per distinct prompt, the smallest hit among its choices (prompt_tokens counts each
+        prompt once, so the cached share of it must too)."""
+        per_prompt: dict[int, int] = {}
+        for s in states:
+            p = s.index // self.n
+            per_prompt[p] = min(per_prompt.get(p, s.num_cached_tokens), s.num_cached_tokens)
+        return sum(per_prompt.values())
 
     def usage(self, states: list[ChoiceState]) -> dict:
-        return R.usage(self.prompt_tokens, sum(s.num_tokens for s in states))
+        return R.usage(self.prompt_tokens, sum(s.num_tokens for s in states), self.cached_tokens(states))
 
 
 async def _events(job: Job, ctx: ResponseContext, kind: str, opening: list[dict],

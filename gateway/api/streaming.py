@@ -45,6 +45,7 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_tokens: int = 0
+    num_cached_tokens: int = 0            # prefix-cache hit of the prompt, from the first output
     token_times: list[float] = field(default_factory=list)
     first_scheduled_time: float | None = None
     finish_reason: str | None = None      # stop | length | abort | error | rejected
@@ -56,6 +57,7 @@ class ChoiceState:
         self.logprobs.extend(out.logprobs or ())
         if self.first_scheduled_time is None:
             self.first_scheduled_time = out.first_scheduled_time
+            self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
             if self.finish_reason == "error":   # out.error is written for the client (core.py logs the cause)
