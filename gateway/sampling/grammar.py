@@ -1,5 +1,5 @@
 """Grammar-constrained decoding on llguidance: compiling a request's grammar (JSON schema or
-regex) once per distinct source, and the per-sequence matcher state that the sampler masks by.
+regex, lark/GBNF grammar) once per distinct source, and the per-sequence matcher state that the sampler masks by.
 
 Why llguidance: it compiles a JSON schema in milliseconds, computes a 49,152-token mask in
 ~2 ms on one core (its lexer is lazy, so nothing is precomputed per vocabulary entry) and
@@ -20,6 +20,7 @@ from collections import OrderedDict
 from functools import lru_cache
 
 from llguidance import LLMatcher, LLTokenizer
+from llguidance.gbnf_to_lark import any_to_lark
 
 # Compact JSON: with flexible whitespace a sampled model can pad forever between tokens.
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -30,14 +31,20 @@ class GrammarError(ValueError):
     """The grammar source is invalid (bad schema, unsupported keyword, bad regex)."""
 
 
-def grammar_key(json_schema=None, regex: str | None = None) -> tuple[str, str] | None:
+def grammar_key(json_schema=None, regex: str | None = None, lark: str | None = None,
+                choice: list[str] | None = None) -> tuple[str, str] | None:
     """(kind, source text) identifying a grammar; None when unconstrained. A dict schema is
-    serialized in its own key order (property order decides the order of the output)."""
+    serialized in its own key order (property order decides the order of the output); a
+    choice of strings becomes a lark grammar of their literals."""
     if json_schema is not None:
         text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema, separators=(",", ":"))
         return "json_schema", text
     if regex is not None:
         return "regex", regex
+    if lark is not None:
+        return "lark", lark
+    if choice is not None:   # JSON string literals are lark string literals
+        return "lark", "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choice)
     return None
 
 
@@ -47,6 +54,8 @@ def compile_grammar(kind: str, source: str) -> str:
     try:
         if kind == "json_schema":
             grammar = LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
+        elif kind == "lark":   # lark as llguidance reads it, or GBNF (llama.cpp's EBNF) converted to it
+            grammar = LLMatcher.grammar_from_lark(any_to_lark(source))
         else:
             grammar = LLMatcher.grammar_from_regex(source)
     except Exception as exc:   # llguidance raises ValueError/RuntimeError on unparsable input

@@ -16,6 +16,7 @@ from gateway.sampling.grammar import GrammarError, compile_grammar, grammar_key
 
 MAX_TEMPERATURE = 100.0
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+_CONSTRAINTS = ("json_schema", "regex", "grammar", "choice")   # at most one per request
 
 
 def _within(value, low: float, high: float) -> bool:
@@ -44,6 +45,8 @@ class SamplingParams:
     # Constrained decoding (sampling/grammar.py): at most one of them.
     json_schema: dict | str | None = None   # a JSON schema (dict or its JSON text)
     regex: str | None = None
+    grammar: str | None = None              # a lark grammar (llguidance's dialect) or GBNF
+    choice: list[str] | None = None         # exactly one of these strings
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,23 +73,28 @@ class SamplingParams:
         self._check_grammar()
 
     def _check_grammar(self) -> None:
-        if self.json_schema is not None and self.regex is not None:
-            raise SamplingParamsError("json_schema", "json_schema and regex cannot be combined")
+        given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise SamplingParamsError(given[1], f"{' and '.join(given)} cannot be combined")
         if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
             raise SamplingParamsError("json_schema", "json_schema must be a JSON schema object or its JSON text")
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise SamplingParamsError("regex", "regex must be a string")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SamplingParamsError(name, f"{name} must be a string")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError("choice", "choice must be a non-empty list of non-empty strings")
         key = self.grammar_key
         if key is not None:
             try:
                 compile_grammar(*key)   # cached: replace() per choice compiles nothing again
             except GrammarError as exc:
-                raise SamplingParamsError(key[0], f"invalid {key[0]}: {exc}") from None
+                raise SamplingParamsError(given[0], f"invalid {given[0]}: {exc}") from None
 
     @property
     def grammar_key(self) -> tuple[str, str] | None:
         """(kind, source) of the grammar constraining this request, or None."""
-        return grammar_key(self.json_schema, self.regex)
+        return grammar_key(self.json_schema, self.regex, self.grammar, self.choice)
 
     @property
     def greedy(self) -> bool:
