@@ -1,4 +1,4 @@
-"""Command line: `gateway serve | generate | chat | check-model`.
+"""Command line: `gateway serve | generate | chat | check-model | worker`.
 
 Parses arguments into one Config and hands it to the command; nothing else reads argv.
 The engine and server flags are generated from Config's field metadata (config.Flag), so
@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server", allow_abbrev=False)
     add_config_flags(serve, "engine")
     add_config_flags(serve, "server")
+    add_config_flags(serve, "dist")
+    worker = sub.add_parser("worker", help="join a multi-host `gateway serve` as node --node-rank (its ranks "
+                                           "get their configuration from the leader)", allow_abbrev=False)
+    add_config_flags(worker, "dist")
+    worker.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     gen = sub.add_parser("generate", help="generate a completion for one prompt, streamed to stdout", allow_abbrev=False)
     gen.add_argument("prompt")
     gen.add_argument("--model", dest="model_opt", default=None)
@@ -131,7 +136,7 @@ def config_from_args(args: argparse.Namespace, environ=None) -> Config:
             value = _csv(value)
         if value is not None:
             values[f.name] = value
-    values["model"] = getattr(args, "model_opt", None) or args.model
+    values["model"] = getattr(args, "model_opt", None) or getattr(args, "model", None)
     if hasattr(args, "api_keys"):
         values["api_keys"] = _api_keys(args, environ)
     return Config(**values)
@@ -144,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             from gateway.models.check import check_model_command
             return check_model_command(args.path, args.model_module)
         config = config_from_args(args)
+        if args.command == "worker":
+            from gateway.executor.node_agent import worker_command
+            return worker_command(config, os.environ)
         if args.command == "serve":
             from gateway.api.server import serve
             return serve(config)

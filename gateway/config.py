@@ -32,7 +32,8 @@ class Flag:
     """How a dataclass field appears on the command line. The argparse type comes from the
     field's annotation, the action from its default (bool False → store_true, bool True →
     store_false under a --no-… name, list → repeatable)."""
-    group: str                          # "engine" (serve, generate, chat) or "server" (serve only)
+    group: str                          # "engine" (serve, generate, chat), "server" (serve only) or
+                                        # "dist" (serve and worker: multi-host rendezvous)
     help: str | None = None
     name: str | None = None             # default: --field-name; without dashes: a positional
     aliases: tuple[str, ...] = ()
@@ -58,6 +59,10 @@ def _opt(default=dataclasses.MISSING, help: str | None = None, *, group: str = "
 
 def _server(default=dataclasses.MISSING, help: str | None = None, **flag) -> dataclasses.Field:
     return _opt(default, help, group="server", **flag)
+
+
+def _dist(default=dataclasses.MISSING, help: str | None = None, **flag) -> dataclasses.Field:
+    return _opt(default, help, group="dist", **flag)   # `serve` and `worker`
 
 
 @dataclass
@@ -87,7 +92,10 @@ class Config:
     enable_prefix_caching: bool = _opt(True, name="--no-prefix-caching")
     # execution
     tensor_parallel_size: int = _opt(1, name="--tp", aliases=("--tensor-parallel-size",))
-    num_threads: int | None = _opt(None, "compute threads per rank")   # None → cores // tp
+    pipeline_parallel_size: int = _opt(1, "pipeline stages: contiguous runs of layers, one rank each "
+                                          "(world = tp x pp)", name="--pp", aliases=("--pipeline-parallel-size",))
+    pp_layers: str | None = _opt(None, "layers per pipeline stage, comma-separated (e.g. 15,15; default: even)")
+    num_threads: int | None = _opt(None, "compute threads per rank")   # None → cores // local ranks
     tp_comm: str = _opt("auto", "tensor-parallel collectives (auto: shared memory on CPU, NCCL on CUDA)",
                         choices=("auto", "shm", "gloo", "nccl"))
     kernel_backend: str = _opt("auto", choices=("auto", "torch", "triton"))
@@ -101,6 +109,13 @@ class Config:
     served_model_name: str | None = _server(None)
     api_keys: list[str] = _server(help="repeatable; also $GATEWAY_API_KEY", factory=list, name="--api-key")
     guard_metrics: bool = _server(False, "require the API key on /metrics")
+    # multi-host (executor/rendezvous.py): node 0 serves, nodes 1.. run `gateway worker`
+    nnodes: int = _dist(1, "hosts the ranks are spread over (node 0 serves HTTP)")
+    node_rank: int = _dist(0, "this host's index; `gateway serve` is node 0", env="GROUP_RANK")
+    master_addr: str = _dist("127.0.0.1", "the leader's address (rendezvous)", env="MASTER_ADDR")
+    master_port: int | None = _dist(None, "the leader's rendezvous port (default: a free one on one host)",
+                                    env="MASTER_PORT")
+    dist_timeout_s: float = _dist(300.0, "seconds to wait for every rank at start-up", name="--dist-timeout")
     metrics_compat: str | None = _server(None, choices=("vllm",))   # "vllm" also exposes vllm:* families
     max_waiting_requests: int = _server(
         1024, "429 (Retry-After) for a request that arrives while this many wait: accepted but not yet "
@@ -141,7 +156,7 @@ class Config:
     def __post_init__(self) -> None:
         self._check_choices()
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes",
-                     "block_size", "tensor_parallel_size"):
+                     "block_size", "tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -163,6 +178,42 @@ class Config:
             flag, value = flag_of(f), getattr(self, f.name)
             if flag is None or flag.choices is None or value in flag.choices or value is f.default is None:
                 continue
+        self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        for name in ("master_port", "node_rank"):   # from the environment (torchrun's) as text
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if not value.strip().isdigit():
+                    raise ValueError(f"{name} must be an integer, not {value!r}")
+                setattr(self, name, int(value))
+        if self.pp_layers is not None:
+            counts = self.pp_layer_counts
+            if len(counts) != self.pipeline_parallel_size or min(counts) < 1:
+                raise ValueError(f"--pp-layers {self.pp_layers!r} must give {self.pipeline_parallel_size} "
+                                 f"positive layer counts (one per --pp stage)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if (self.tensor_parallel_size * self.pipeline_parallel_size) % self.nnodes:
+            raise ValueError(f"--tp x --pp ({self.tensor_parallel_size * self.pipeline_parallel_size} ranks) "
+                             f"must divide evenly over --nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("--nnodes > 1 needs --master-port (or $MASTER_PORT)")
+        if not 0 < self.dist_timeout_s < float("inf"):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, not {self.dist_timeout_s!r}")
+
+    @property
+    def pp_layer_counts(self) -> list[int] | None:
+        if self.pp_layers is None:
+            return None
+        try:
+            return [int(part) for part in self.pp_layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--pp-layers must be comma-separated integers, not {self.pp_layers!r}") from None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
             names = ", ".join(flag.choices[:-1]) + " or " if len(flag.choices) > 1 else ""
             raise ValueError(f"{flag.option_strings(f.name)[0]} must be {names}{flag.choices[-1]}, "
                              f"not {value!r}")

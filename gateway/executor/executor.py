@@ -1,6 +1,7 @@
 """`create_executor(config, source, hf_config, eos_token_ids)`: what EngineCore runs steps on.
 
 tensor_parallel_size 1 → the plain ModelRunner: no worker processes, no collectives.
+pipeline_parallel_size > 1 or nnodes > 1 → PipelineExecutor (dist_executor.py).
 N > 1 → TensorParallelExecutor: rank 0 is the driver, in this process (the engine thread
 runs its forward and samples); ranks 1..N-1 are spawned worker processes (worker.py).
 
@@ -49,6 +50,9 @@ SHUTDOWN_TIMEOUT_S = 5
 
 def create_executor(config: Config, source: ModelSource, hf_config, eos_token_ids: set[int]) -> Executor:
     placement = resolve_placement(config, hf_config)   # once, for every rank
+    if config.pipeline_parallel_size > 1 or config.nnodes > 1:   # ranks over torch.distributed
+        from gateway.executor.dist_executor import PipelineExecutor
+        return PipelineExecutor(config, source, hf_config, eos_token_ids, placement)
     if config.tensor_parallel_size == 1:
         return ModelRunner(config, source, hf_config, eos_token_ids, placement=placement)
     return TensorParallelExecutor(config, source, hf_config, eos_token_ids, placement)

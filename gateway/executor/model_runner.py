@@ -8,7 +8,9 @@ the KV cache (logged) → on CUDA, capture decode CUDA graphs (cuda_graphs.py). 
 As one tensor-parallel rank (a ParallelContext): the model is built as this rank's shard
 and loaded from lazy checkpoint slices, and the KV cache waits for `init_kv_cache(n)`
 with the block count the executor agreed on (the minimum over ranks); logits come back
-gathered on rank 0, which samples, and as None elsewhere (StepResult of Nones)."""
+gathered on rank 0, which samples, and as None elsewhere (StepResult of Nones).
+As one pipeline stage (a LayerStage; executor/stage_runner.py runs its steps) it builds,
+loads lazily and caches only that stage's layers, without CUDA graphs."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from gateway.executor.interface import StepResult
 from gateway.executor.placement import Placement, resolve_placement
 from gateway.models import registry
 from gateway.models.loader import ModelSource
+from gateway.models.partition import LayerStage
 from gateway.models.tp_layers import ParallelContext, shard_plan
 from gateway.models.weight_loading import load_model_weights
 from gateway.sampling.sampler import Sampler, SamplingBatch
@@ -54,32 +57,40 @@ class ModelRunner:
     death_listener = None   # never called: nothing here dies apart from the engine thread itself
 
     def __init__(self, config: Config, source: ModelSource, hf_config, eos_token_ids: set[int],
-                 parallel: ParallelContext | None = None, placement: Placement | None = None):
-        self.config, self.parallel = config, parallel
+                 parallel: ParallelContext | None = None, placement: Placement | None = None,
+                 stage: LayerStage | None = None):
+        self.config, self.parallel, self.stage = config, parallel, stage
         placement = placement or resolve_placement(config, hf_config)
         self.device, self.dtype = placement.device, placement.dtype
         kernels.set_backend(config.kernel_backend)
         model_class, self.arch = registry.resolve(hf_config)
         self.num_kv_heads = (self.arch.num_kv_heads if parallel is None else    # on this rank
                              shard_plan(self.arch, parallel.rank, parallel.world_size).attention.num_kv_heads)
+        self.num_layers = self.arch.num_layers if stage is None else stage.count   # on this rank
         self.model = self._load_model(model_class, source)
         self.block_size = config.block_size
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.num_blocks, self.kv_caches, self.cuda_graphs = 0, [], None
-        if parallel is None:   # tensor-parallel ranks wait for the count agreed over all ranks
+        if parallel is None and stage is None:   # other ranks wait for the count agreed over all ranks
             self.init_kv_cache(self.decide_num_blocks())
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.kv_caches = self._allocate_kv_cache(num_blocks)
-        self.cuda_graphs = build_cuda_graphs(self.config, self.device, self.model, self.kv_caches,
-                                             self.arch.max_position_embeddings, self.num_blocks,
-                                             self.block_size)
+        if self.stage is None:   # a pipeline stage's forward takes the previous stage's tensor: eager
+            self.cuda_graphs = build_cuda_graphs(self.config, self.device, self.model, self.kv_caches,
+                                                 self.arch.max_position_embeddings, self.num_blocks,
+                                                 self.block_size)
 
     def _load_model(self, model_class, source: ModelSource):
         with torch.device(self.device):
-            if self.parallel is None:
+            if self.stage is not None:
+                if not getattr(model_class, "supports_pipeline_parallel", False):
+                    raise ValueError(f"{self.arch.architecture} ({model_class.__name__}) does not support "
+                                     f"pipeline parallelism; use --pp 1")
+                model = model_class(self.arch, parallel=self.parallel, stage=self.stage)
+            elif self.parallel is None:
                 model = model_class(self.arch)
             elif getattr(model_class, "supports_tensor_parallel", False):
                 model = model_class(self.arch, parallel=self.parallel)
@@ -88,8 +99,9 @@ class ModelRunner:
                                  f"tensor parallelism; use --tp 1")
         model.to(self.dtype)
         first_rank = self.parallel is None or self.parallel.rank == 0     # one progress bar, not N
+        split = self.parallel is not None or self.stage is not None       # read only this rank's slices
         self.weight_bytes = load_model_weights(model, source, self.dtype, self.device, self.config.quantization,
-                                               lazy=self.parallel is not None, progress=first_rank)
+                                               lazy=split, progress=first_rank and self.stage is None)
         model.eval()
         if self.device.type == "cpu" and hasattr(model, "prepack"):
             model.prepack()
@@ -98,7 +110,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
 
     def decide_num_blocks(self) -> int:
         """What this rank's budget holds (per rank under tensor parallelism)."""
@@ -121,11 +133,12 @@ class ModelRunner:
         a = self.arch
         shape = (num_blocks, self.block_size, self.num_kv_heads, a.head_dim)
         if self.device.type == "cpu":
-            flat = huge_page_zeros(2 * a.num_layers * math.prod(shape), self.dtype).view(a.num_layers, 2, *shape)
+            layers = self.num_layers
+            flat = huge_page_zeros(2 * layers * math.prod(shape), self.dtype).view(layers, 2, *shape)
             caches = [(layer[0], layer[1]) for layer in flat]
         else:
             caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
+                       torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %.1f MiB (%s)",
                  num_blocks, self.block_size, num_blocks * self.block_size,
                  num_blocks * self.kv_bytes_per_block / 2**20, self.dtype)

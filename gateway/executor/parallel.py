@@ -72,11 +72,21 @@ class TorchDistCommunicator:
         self.abort: str | None = None   # the process group's own timeout bounds every wait
         dist.init_process_group(spec.backend, init_method=spec.address, rank=rank, world_size=spec.world_size,
                                 timeout=datetime.timedelta(seconds=spec.timeout_s))
-        self._dist = dist
+        self._dist, self._group, self._root = dist, None, 0
         self._widths: list[int] | None = None   # each rank's gather width; fixed per model
 
+    @classmethod
+    def over_group(cls, group, rank: int, world_size: int, root: int) -> "TorchDistCommunicator":
+        """A pipeline stage's tensor ranks: a subgroup of the already joined world; `root` is the
+        global rank of the group's rank 0 (where gather lands)."""
+        comm = cls.__new__(cls)
+        import torch.distributed as dist
+        comm.rank, comm.world_size, comm.abort = rank, world_size, None
+        comm._dist, comm._group, comm._root, comm._widths = dist, group, root, None
+        return comm
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self._dist.all_reduce(t)
+        self._dist.all_reduce(t, group=self._group)
         return t
 
     def gather(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -85,7 +95,7 @@ class TorchDistCommunicator:
         widths = self._gather_widths(t)
         padded = torch.nn.functional.pad(t, (0, max(widths) - t.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
-        self._dist.gather(padded, parts, dst=0)
+        self._dist.gather(padded, parts, dst=self._root, group=self._group)
         if self.rank != 0:
             return None
         return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1)
@@ -94,10 +104,10 @@ class TorchDistCommunicator:
         if self._widths is None or self._widths[self.rank] != t.shape[-1]:
             width = torch.tensor([t.shape[-1]], device=t.device)
             widths = [torch.zeros_like(width) for _ in range(self.world_size)]
-            self._dist.all_gather(widths, width)
+            self._dist.all_gather(widths, width, group=self._group)
             self._widths = [int(w) for w in widths]
         return self._widths
 
     def close(self) -> None:
-        if self._dist.is_initialized():
+        if self._group is None and self._dist.is_initialized():   # a subgroup goes with its world
             self._dist.destroy_process_group()

@@ -57,5 +57,6 @@ def _cpu_has_bf16() -> bool:
 
 
 def threads_per_rank(config: Config) -> int:
-    """Compute threads of each rank: --num-threads, or the cores shared out among the ranks."""
-    return config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+    """Compute threads of each rank: --num-threads, or the cores shared out among this host's ranks."""
+    local_ranks = config.tensor_parallel_size * config.pipeline_parallel_size // config.nnodes
+    return config.num_threads or max(1, (os.cpu_count() or 1) // local_ranks)

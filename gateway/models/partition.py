@@ -1,4 +1,5 @@
-"""How a model's dimensions are split over tensor-parallel ranks. Pure functions, no torch.
+"""How a model's dimensions are split over tensor-parallel ranks, and its layers over
+pipeline stages (split_layers). Pure functions, no torch.
 
 Attention is split by whole GQA groups (a KV head and the query heads that read it), so
 every rank runs ordinary grouped attention on its own heads:
@@ -58,3 +59,32 @@ def partition_attention(num_heads: int, num_kv_heads: int, world_size: int) -> l
         for q_offset, q_len in split_evenly(group, ranks, "query heads of a group"):
             shards.append(AttentionShard(kv_head * group + q_offset, q_len, kv_head, 1))
     return shards
+
+
+@dataclass(frozen=True)
+class LayerStage:
+    """One pipeline stage's share of the model: layers [start, start + count); the first
+    stage also holds the embedding, the last the final norm and the LM head."""
+    start: int
+    count: int
+    is_first: bool
+    is_last: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+def split_layers(num_layers: int, num_stages: int, counts: list[int] | None = None) -> list[tuple[int, int]]:
+    """[(first layer, layer count)] per pipeline stage: contiguous; `counts` (--pp-layers)
+    overrides the even split and must add up to the model's layers."""
+    if counts is None:
+        if num_layers < num_stages:
+            raise ValueError(f"cannot split {num_layers} layers into {num_stages} pipeline stages "
+                             f"(each stage needs at least one); use --pp <= {num_layers}")
+        return split_evenly(num_layers, num_stages, "layers")
+    if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 1:
+        raise ValueError(f"--pp-layers {','.join(map(str, counts))} must give {num_stages} positive counts "
+                         f"adding up to the model's {num_layers} layers")
+    starts = [sum(counts[:i]) for i in range(num_stages)]
+    return list(zip(starts, counts))
