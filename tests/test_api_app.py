@@ -301,7 +301,7 @@ def test_malformed_json_and_non_object_bodies_are_400():
 def test_schema_violation_is_400_with_param():
     _, client = make()
     error(client.post("/v1/chat/completions", json=chat_body(temperature=-1)), 400, "temperature")
-    error(client.post("/v1/chat/completions", json=chat_body(tools=[{}])), 400, "tools")
+    error(client.post("/v1/chat/completions", json=chat_body(tools=[{}])), 400, "tools[0]")
 
 
 def test_unknown_model_is_404():

@@ -103,11 +103,11 @@ def test_finalize_accepts_exactly_the_context():
 
 CHAT_ERRORS = [
     (dict(model="other"), 404, "model"),
-    (dict(tools=[{"type": "function"}]), 400, "tools"),
-    (dict(tool_choice="auto"), 400, "tool_choice"),
-    (dict(guided_choice=["a", "b"]), 400, "guided_choice"),
+    (dict(tools=[{"type": "function"}]), 400, "tools[0]"),
+    (dict(tool_choice="auto"), 400, "tool_choice"),           # without tools
+    (dict(guided_choice=[]), 400, "guided_choice"),
     (dict(functions=[]), 400, "functions"),
-    (dict(parallel_tool_calls=False), 400, "parallel_tool_calls"),
+    (dict(parallel_tool_calls="no"), 400, "parallel_tool_calls"),
     (dict(modalities=["text"]), 400, "modalities"),
     (dict(frobnicate=1), 400, "frobnicate"),
     (dict(echo=True), 400, "echo"),                      # a completions-only field
@@ -116,7 +116,8 @@ CHAT_ERRORS = [
     (dict(messages=[]), 400, "messages"),
     (dict(messages="hi"), 400, "messages"),
     (dict(messages=["hi"]), 400, "messages[0]"),
-    (dict(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role"),
+    (dict(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].tool_call_id"),
+    (dict(messages=[{"role": "critic", "content": "x"}]), 400, "messages[0].role"),
     (dict(messages=[{"role": "user", "content": None}]), 400, "messages[0].content"),
     (dict(messages=[{"role": "user", "content": "x", "name": "bob"}]), 400, "messages[0].name"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400,

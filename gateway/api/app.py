@@ -27,6 +27,7 @@ from gateway.api.openapi import build_openapi
 from gateway.api.pipeline import Pipeline, guarded, read_json
 from gateway.api.sessions import SessionRoutes
 from gateway.api.shapers import CHAT, COMPLETION
+from gateway.api.tool_shape import TOOL_CHAT
 from gateway.api.web_ui import web_ui_routes
 from gateway.config import Config
 from gateway.engine.client import EngineClient
@@ -45,9 +46,9 @@ class _API:
         arrival, pipe = time.monotonic(), self.pipeline
         req = P.parse_chat(await read_json(request), self.info)
         pipe.check_alive()
-        prompt = await pipe.encode_chat(req.messages)
+        prompt = await pipe.encode_chat(req.messages, req.tools)
         job, ctx = pipe.admit(request, req, [prompt], "messages", arrival, "chatcmpl")
-        return await pipe.run(request, req, job, ctx, CHAT)
+        return await pipe.run(request, req, job, ctx, TOOL_CHAT if req.tools and req.tools.active else CHAT)
 
     @guarded
     async def completions(self, request):

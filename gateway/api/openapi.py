@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from gateway.api.protocol import (MAX_CHOICES, MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_MESSAGES,
                                   MAX_STOP, MAX_STOP_TOKEN_IDS)
+from gateway.api.structured import MAX_GUIDED_CHOICES
+from gateway.api.tools import MAX_TOOLS
 
 _INT, _NUM, _BOOL, _STR = {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "string"}
 
@@ -57,9 +59,12 @@ _SAMPLING = {
              "properties": {"name": {**_STR, "minLength": 1}, "schema": {"type": "object"},
                             "strict": _BOOL, "description": _STR}}}}],
         "description": "constrains the output to JSON (any object, or one matching the schema); "
-                       "at most one of response_format, guided_json, guided_regex"},
+                       "at most one of response_format, guided_json, guided_regex, guided_choice, guided_grammar"},
     "guided_json": {"anyOf": [{"type": "object"}, _STR], "description": "vLLM: a JSON schema"},
     "guided_regex": {**_STR, "description": "vLLM: the output matches this regex"},
+    "guided_choice": {"type": "array", "items": {**_STR, "minLength": 1}, "minItems": 1,
+                      "maxItems": MAX_GUIDED_CHOICES, "description": "vLLM: the output is one of these strings"},
+    "guided_grammar": {**_STR, "description": "vLLM: a lark grammar (llguidance's dialect) or GBNF"},
 }
 _NULLABLE_SAMPLING = {k: _nullable(v) for k, v in _SAMPLING.items()}
 
@@ -73,12 +78,42 @@ _MESSAGE = {
     },
 }
 _TOKEN_IDS = {"type": "array", "items": {**_INT, "minimum": 0}, "minItems": 1}
+_TOOL_CALL = {"type": "object", "required": ["id", "function"], "additionalProperties": False,
+              "properties": {"id": _STR, "type": {"const": "function"}, "function": {
+                  "type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                  "properties": {"name": _STR, "arguments": {**_STR, "description": "JSON text"}}}}}
+_CONTENT = _MESSAGE["properties"]["content"]
+_CHAT_MESSAGE = {"oneOf": [
+    _MESSAGE,
+    {"type": "object", "required": ["role", "tool_calls"], "additionalProperties": False,
+     "properties": {"role": {"const": "assistant"}, "content": _nullable(_CONTENT),
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL, "minItems": 1, "maxItems": MAX_TOOLS}}},
+    {"type": "object", "required": ["role", "content", "tool_call_id"], "additionalProperties": False,
+     "properties": {"role": {"const": "tool"}, "content": _CONTENT, "tool_call_id": {**_STR, "minLength": 1}}}]}
+_TOOL = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+        "name": {**_STR, "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": _STR, "strict": _BOOL,
+        "parameters": {"type": "object", "description": "a JSON schema; the arguments of a forced call match it"}}}}}
+_TOOLS = {
+    "tools": _nullable({"type": "array", "items": _TOOL, "minItems": 1, "maxItems": MAX_TOOLS,
+                        "description": "function tools (names unique)"}),
+    "tool_choice": _nullable({"anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+            "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                                                        "additionalProperties": False, "properties": {"name": _STR}}}}],
+        "description": "default auto with tools; anything but none needs tools; a named function must be in tools; "
+                       "not with response_format or guided_*"}),
+    "parallel_tool_calls": _nullable({**_BOOL, "default": True}),
+}
 
 CHAT_REQUEST = {
     "type": "object", "required": ["messages"], "additionalProperties": False,
     "properties": {
         **_NULLABLE_SAMPLING,
-        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": MAX_MESSAGES},
+        **_TOOLS,
+        "messages": {"type": "array", "items": _CHAT_MESSAGE, "minItems": 1, "maxItems": MAX_MESSAGES},
         "max_completion_tokens": _nullable({**_INT, "minimum": 1}),
         "logprobs": _nullable(_BOOL),
         "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": MAX_LOGPROBS,
@@ -101,7 +136,7 @@ COMPLETION_REQUEST = {
 TOKENIZE_REQUEST = {
     "type": "object", "additionalProperties": False,
     "properties": {"model": _STR, "prompt": _STR, "add_special_tokens": _BOOL,
-                   "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": MAX_MESSAGES}},
+                   "messages": {"type": "array", "items": _CHAT_MESSAGE, "minItems": 1, "maxItems": MAX_MESSAGES}},
     "description": "exactly one of prompt or messages (messages get the chat template)",
 }
 DETOKENIZE_REQUEST = {"type": "object", "required": ["tokens"], "additionalProperties": False,
@@ -115,7 +150,7 @@ SESSION_CREATE_REQUEST = {"type": "object", "additionalProperties": False,
                           "description": "optional body; `system` is the session's system prompt"}
 SESSION_CHAT_REQUEST = {
     "type": "object", "additionalProperties": False,
-    "properties": {**{k: v for k, v in CHAT_REQUEST["properties"].items() if k != "n"},
+    "properties": {**{k: v for k, v in CHAT_REQUEST["properties"].items() if k != "n" and k not in _TOOLS},
                    "n": _nullable({"const": 1}),
                    "messages": {"type": "array", "minItems": 1, "description": "only the new user message(s)",
                                 "items": {**_MESSAGE, "properties": {**_MESSAGE["properties"],

@@ -29,6 +29,7 @@ from jinja2 import TemplateError
 from starlette.responses import Response
 
 from gateway.api import protocol as P
+from gateway.api import tools as T
 from gateway.api.errors import RETRY_AFTER_SECONDS, APIError, from_exception, invalid, json_response, model_not_found
 from gateway.api.shapers import OnComplete, ResponseContext, Shape
 from gateway.api.streaming import Job, SSEResponse
@@ -111,6 +112,8 @@ class Pipeline:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.info = P.ModelInfo(engine.model_name, len(engine.tokenizer), engine.max_model_len)
         self.tokenizing = Tokenizing(engine)
+        template = getattr(engine, "chat_template", None) or getattr(engine.tokenizer, "chat_template", None)
+        self.template_uses_tools = T.template_uses_tools(template if isinstance(template, str) else None)
 
     # ---- parse ---------------------------------------------------------------------------
     def check_alive(self) -> None:
@@ -126,10 +129,12 @@ class Pipeline:
             raise model_not_found(model)
 
     # ---- tokenize / render ---------------------------------------------------------------
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The chat prompt's token ids; a template failure is the client's input: 400."""
+    async def encode_chat(self, messages: list[dict], spec: T.ToolSpec | None = None) -> list[int]:
+        """The chat prompt's token ids, tools and tool messages rendered for the template
+        (tools.py); a template failure is the client's input: 400."""
+        rendered, template_tools = T.render(messages, spec, self.template_uses_tools)
         try:
-            return await self.tokenizing.chat(messages)
+            return await self.tokenizing.chat(rendered, template_tools)
         except (TemplateError, ValueError) as exc:   # raise_exception(...) in the template, roles
             raise invalid("messages", f"cannot apply the chat template: {exc}") from None
         except Exception:   # anything else comes from inside the tokenizer: the log has it

@@ -8,7 +8,8 @@ Parsing is pure (no engine calls, no I/O) and happens in two steps:
 2. `finalize_params`, called after tokenization, fixes the per-choice max_tokens (by default
    the rest of the context window) and seed; whether they fit is the engine's admission check.
 The exact OpenAI response, chunk and logprobs objects are built in responses.py; structured
-output (`response_format`, `guided_json`, `guided_regex`) is parsed in structured.py.
+output (`response_format`, `guided_*`) is parsed in structured.py, tool calling (`tools`,
+`tool_choice`, `parallel_tool_calls`, tool messages) in tools.py.
 
 Accepted although they change nothing we compute: `user`, `metadata` (bookkeeping tags) and
 `store` (false only: we store nothing). A field in UNSUPPORTED may be sent as null.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from gateway.api import structured
+from gateway.api import structured, tools
 from gateway.api.errors import invalid, model_not_found
 from gateway.sampling.params import SamplingParams, SamplingParamsError
 
@@ -43,15 +44,15 @@ SAMPLING_FIELDS = {
 }
 _COMMON = {"model", "max_tokens", "n", "stream", "stream_options", "stop", "stop_token_ids",
            "logit_bias", "user", "metadata", "store", *SAMPLING_FIELDS, *structured.FIELDS}
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", *tools.FIELDS})
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "logprobs", "best_of", "suffix"})
 UNSUPPORTED = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "functions", "function_call",
     "audio", "modalities", "prediction", "logits_processors", "web_search_options", "reasoning_effort",
-    "service_tier", "guided_choice", "guided_grammar",
+    "service_tier",
     "structured_outputs", "verbosity",
 })
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
                dict: "object", type(None): "null"}
@@ -81,7 +82,8 @@ class GenerationRequest:
 
 @dataclass
 class ChatRequest(GenerationRequest):
-    messages: list[dict]            # [{"role", "content": str}], roles normalized
+    messages: list[dict]            # [{"role", "content": str, + tools.MESSAGE_FIELDS}], roles normalized
+    tools: tools.ToolSpec | None = None   # tools / tool_choice / parallel_tool_calls, when sent
 
 
 @dataclass
@@ -158,8 +160,9 @@ def _logit_bias(body: dict, info: ModelInfo) -> dict[int, float]:
 
 
 def _common(body: dict, info: ModelInfo, logprobs: int | None, max_tokens: int | None,
-            rename: dict[str, str]) -> dict:
-    """Fields shared by both endpoints → GenerationRequest keyword arguments."""
+            rename: dict[str, str], tool_grammar: str | None = None) -> dict:
+    """Fields shared by both endpoints → GenerationRequest keyword arguments. tool_grammar: the
+    grammar active tools impose (chat), which no other structured-output field may join."""
     model = get(body, "model", "string")
     if model is not None and model != info.name:
         raise model_not_found(model)
@@ -182,8 +185,13 @@ def _common(body: dict, info: ModelInfo, logprobs: int | None, max_tokens: int |
     kwargs["stop"], kwargs["stop_token_ids"] = _stops(body, info)
     kwargs["logit_bias"] = _logit_bias(body, info)
     constraint, source = structured.parse(body)
+    if tool_grammar is not None:
+        if source is not None:
+            raise invalid(source, f"`{source}` cannot be combined with tool calling (`tools` with `tool_choice` "
+                                  "other than \"none\")")
+        constraint, source = {"grammar": tool_grammar}, "tools"
     kwargs.update(constraint)
-    rename = {"json_schema": source, "regex": source, **rename}
+    rename = {name: source for name in ("json_schema", "regex", "grammar", "choice")} | rename
     try:   # validate now so range errors need no tokenization; max_tokens is re-checked later
         limit = info.max_model_len if max_tokens is None else max_tokens
         params = SamplingParams(max_tokens=limit, logprobs=logprobs, **kwargs)
@@ -199,15 +207,18 @@ def _message(i: int, m) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise invalid(where, f"`{where}` must be an object")
-    extra = set(m) - {"role", "content"}
-    if extra:
-        raise invalid(f"{where}.{sorted(extra)[0]}", f"`{where}` has unsupported fields {sorted(extra)}")
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLES:   # an unhashable role must not reach `in`
         raise invalid(f"{where}.role", f"`{where}.role` must be one of {sorted(ROLES)}, got {role!r}")
+    extra = set(m) - {"role", "content"} - tools.MESSAGE_FIELDS.get(role, set())
+    if extra:
+        raise invalid(f"{where}.{sorted(extra)[0]}", f"`{where}` has unsupported fields {sorted(extra)}")
+    fields = tools.message_fields(where, role, m)
     content = m.get("content")
+    if content is None and "tool_calls" in fields:   # an assistant turn that only called tools
+        content = ""
     if isinstance(content, str):
-        return {"role": ROLES[role], "content": content}
+        return {"role": ROLES[role], "content": content, **fields}
     if not isinstance(content, list):
         raise invalid(f"{where}.content", f"`{where}.content` must be a string or an array of text parts")
     texts = []
@@ -217,7 +228,7 @@ def _message(i: int, m) -> dict:
             raise invalid(f"{where}.content[{j}]", f"content part type {kind!r} is not supported "
                                                     "(only {\"type\": \"text\", \"text\": ...})")
         texts.append(part["text"])
-    return {"role": ROLES[role], "content": "\n".join(texts)}
+    return {"role": ROLES[role], "content": "\n".join(texts), **fields}
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -241,8 +252,10 @@ def parse_chat(body: dict, info: ModelInfo) -> ChatRequest:
     if top is not None and (not want or not 0 <= top <= MAX_LOGPROBS):
         raise invalid("top_logprobs", f"`top_logprobs` must be in [0, {MAX_LOGPROBS}] with logprobs=true")
     rename = {"max_tokens": "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"}
-    common = _common(body, info, (top or 0) if want else None, max_tokens, rename)
-    return ChatRequest(messages=messages, **common)
+    spec = tools.parse_tools(body)
+    grammar = spec.grammar() if spec is not None else None
+    common = _common(body, info, (top or 0) if want else None, max_tokens, rename, grammar)
+    return ChatRequest(messages=messages, tools=spec, **common)
 
 
 def _prompts(value, info: ModelInfo) -> list[str | list[int]]:

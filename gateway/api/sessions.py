@@ -234,6 +234,10 @@ class SessionRoutes:
         req = P.parse_chat(full, self.info)
         if req.n != 1:
             raise invalid("n", "a session records one reply per turn: `n` must be 1")
+        if req.tools is not None:   # a session records text turns; tool turns have no place in it yet
+            name = next(f for f in ("tools", "tool_choice", "parallel_tool_calls") if body.get(f) is not None)
+            raise invalid(name, f"`{name}` is not supported in sessions; use /v1/chat/completions",
+                          code="unsupported_parameter")
         pipe.check_alive()
         session.busy = True   # before the first await: encoding a large prompt yields the loop
         try:

@@ -54,7 +54,7 @@ class ResponseContext:
         return R.usage(self.prompt_tokens, sum(s.num_tokens for s in states), self.cached_tokens(states))
 
 
-async def _events(job: Job, ctx: ResponseContext, kind: str, opening: list[dict],
+async def stream_events(job: Job, ctx: ResponseContext, kind: str, opening: list[dict],
                   choice: Callable[[Delta], list[dict]], on_complete: OnComplete | None):
     def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
         return frame(R.envelope(kind, ctx.rid, ctx.created, ctx.model, choices, usage, with_usage=ctx.include_usage))
@@ -87,7 +87,7 @@ def chat_events(job: Job, ctx: ResponseContext, on_complete: OnComplete | None =
             out.append(R.chat_delta(d.state.index, {}, d.state.finish_reason))
         return out
     opening = [R.chat_delta(s.index, {"role": "assistant", "content": ""}) for s in job.states]
-    return _events(job, ctx, "chat.completion.chunk", opening, choice, on_complete)
+    return stream_events(job, ctx, "chat.completion.chunk", opening, choice, on_complete)
 
 
 def completion_events(job: Job, ctx: ResponseContext,
@@ -105,7 +105,7 @@ def completion_events(job: Job, ctx: ResponseContext,
             out.append(R.text_choice(i, "", d.state.finish_reason))
         return out
     opening = [R.text_choice(s.index, ctx.echo_texts[s.index]) for s in job.states] if ctx.echo_texts else []
-    return _events(job, ctx, "text_completion", opening, choice, on_complete)
+    return stream_events(job, ctx, "text_completion", opening, choice, on_complete)
 
 
 def chat_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:

@@ -2,8 +2,10 @@
 
 OpenAI's `response_format`: {"type": "text"} (no constraint), {"type": "json_object"} (any
 JSON object) and {"type": "json_schema", "json_schema": {"name", "schema", "strict",
-"description"}}; vLLM's extra body fields `guided_json` (a schema, object or JSON text) and
-`guided_regex`. At most one of them per request. The schema itself is compiled and checked by
+"description"}}; vLLM's extra body fields `guided_json` (a schema, object or JSON text),
+`guided_regex`, `guided_choice` (a list of strings: the output is one of them) and
+`guided_grammar` (a lark grammar in llguidance's dialect, or GBNF, llama.cpp's EBNF). At most
+one of them per request. The schema itself is compiled and checked by
 SamplingParams (sampling/grammar.py), whose errors the caller renames to the field sent here
 (FIELD_OF)."""
 
@@ -13,7 +15,8 @@ import orjson
 
 from gateway.api.errors import invalid
 
-FIELDS = ("response_format", "guided_json", "guided_regex")
+FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+MAX_GUIDED_CHOICES = 256
 MAX_SCHEMA_BYTES = 64 * 1024   # compiled on the event loop: bounded so one request cannot stall it
 _JSON_SCHEMA_KEYS = {"name", "schema", "strict", "description"}
 ANY_OBJECT = {"type": "object"}
@@ -80,7 +83,15 @@ def parse(body: dict) -> tuple[dict, str | None]:
             raise invalid(name, "`guided_json` must be a JSON schema (an object or its JSON text)")
         _schema_size_ok(value, name)
         return {"json_schema": value}, name
+    if name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise invalid(name, "`guided_choice` must be a non-empty array of non-empty strings")
+        if len(value) > MAX_GUIDED_CHOICES:
+            raise invalid(name, f"`guided_choice` has {len(value)} entries, more than {MAX_GUIDED_CHOICES}",
+                          code="array_above_max_length")
+        _schema_size_ok(value, name)
+        return {"choice": value}, name
     if not isinstance(value, str):
-        raise invalid(name, "`guided_regex` must be a string", code="invalid_type")
+        raise invalid(name, f"`{name}` must be a string", code="invalid_type")
     _schema_size_ok(value, name)
-    return {"regex": value}, name
+    return {"regex": value} if name == "guided_regex" else {"grammar": value}, name

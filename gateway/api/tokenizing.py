@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable, TypeVar
 
 INLINE_CHARS = 4096          # at 1-1.5 us per character, a few ms at most on the event loop
@@ -26,8 +27,10 @@ PER_MESSAGE_CHARS = 64       # what rendering one message costs, in characters' 
 T = TypeVar("T")
 
 
-def chat_size(messages: list[dict]) -> int:
-    return sum(len(m["content"]) for m in messages) + PER_MESSAGE_CHARS * len(messages)
+def chat_size(messages: list[dict], tools: list[dict] | None = None) -> int:
+    calls = sum(len(str(m["tool_calls"])) for m in messages if m.get("tool_calls"))
+    return (sum(len(m["content"]) for m in messages) + PER_MESSAGE_CHARS * len(messages) + calls
+            + (len(str(tools)) if tools else 0))
 
 
 class Tokenizing:
@@ -43,8 +46,10 @@ class Tokenizing:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-tokenize")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def chat(self, messages: list[dict]) -> list[int]:
-        return await self.run(chat_size(messages), self.engine.encode_chat, messages)
+    async def chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """tools: passed to the template only when given (it reads its `tools` variable)."""
+        encode = self.engine.encode_chat if tools is None else partial(self.engine.encode_chat, tools=tools)
+        return await self.run(chat_size(messages, tools), encode, messages)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self.run(len(text), self.engine.encode, text, add_special_tokens)

@@ -130,12 +130,12 @@ def _tool(i: int, entry) -> Tool:
 def _choice(value, tools: tuple[Tool, ...]) -> str:
     if value is None:
         return "auto" if tools else "none"
+    if not tools and value != "none":
+        raise invalid("tool_choice", "`tool_choice` is only allowed when `tools` are given")
     if isinstance(value, str):
         if value not in _CHOICES:
             raise invalid("tool_choice", f"`tool_choice` must be one of {list(_CHOICES)} or "
                                          f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {value!r}")
-        if value == "required" and not tools:
-            raise invalid("tool_choice", "`tool_choice` \"required\" needs `tools`")
         return value
     fn = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
     name = fn.get("name") if isinstance(fn, dict) else None

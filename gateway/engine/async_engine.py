@@ -304,12 +304,14 @@ class AsyncEngine:
         return self.call_in_engine(lambda core: core.unpin_prefix(key))
 
     # ---- tokenizer helpers (event loop) --------------------------------------------------
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """tools: OpenAI function tools for a template that reads its `tools` variable."""
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError("this model has no chat template; start the server with --chat-template FILE")
         text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt, tools=tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
