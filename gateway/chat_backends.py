@@ -23,6 +23,8 @@ class ChatError(RuntimeError):
 
 
 _UNSET_WORDS = ("none", "null", "")
+_RESPONSE_FORMATS = {"json": "json_object", "json_object": "json_object", "text": None}
+ANY_OBJECT = {"type": "object"}   # json_object's grammar, as the server's response_format has it
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ChatSettings:
     frequency_penalty: float = 0.0
     seed: int | None = None
     system: str | None = None
+    response_format: str | None = None   # json_object: every reply is a JSON object
 
     @classmethod
     def names(cls) -> list[str]:
@@ -52,6 +55,10 @@ class ChatSettings:
             value = None
         elif key == "system":
             value = text
+        elif key == "response_format":
+            if text.strip().lower() not in _RESPONSE_FORMATS:
+                raise ValueError(f"response_format must be json_object (or json) or text, got {text.strip()!r}")
+            value = _RESPONSE_FORMATS[text.strip().lower()]
         else:
             parse = int if kind.startswith("int") else float
             try:
@@ -70,7 +77,9 @@ class ChatSettings:
 
     def sampling_fields(self, max_tokens_fallback: int | None = None) -> dict:
         """The SamplingParams fields (max_tokens None → the fallback, or left out)."""
-        out = {k: v for k, v in asdict(self).items() if k != "system"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("system", "response_format")}
+        if self.response_format == "json_object":
+            out["json_schema"] = ANY_OBJECT
         if out["max_tokens"] is None:
             out.pop("max_tokens")
             if max_tokens_fallback is not None:
@@ -79,9 +88,13 @@ class ChatSettings:
 
     def non_default_fields(self) -> dict:
         """What an OpenAI server needs to hear: its own fields when set, ours when changed."""
-        default = ChatSettings()
-        return {k: v for k, v in self.sampling_fields().items() if v is not None
-                and (k in ("temperature", "top_p", "max_tokens", "seed") or v != getattr(default, k))}
+        default, sampling = ChatSettings(), self.sampling_fields()
+        sampling.pop("json_schema", None)
+        out = {k: v for k, v in sampling.items() if v is not None
+               and (k in ("temperature", "top_p", "max_tokens", "seed") or v != getattr(default, k))}
+        if self.response_format is not None:
+            out["response_format"] = {"type": self.response_format}
+        return out
 
 
 class InProcessBackend:
