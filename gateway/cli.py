@@ -15,6 +15,7 @@ import types
 import typing
 
 from gateway.config import Config, flag_of
+from gateway.executor.errors import RendezvousError
 
 
 def _kind(hint) -> type:
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 2
+    except RendezvousError as exc:   # a rank missing or failed at start-up: no traceback needed
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

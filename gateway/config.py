@@ -103,12 +103,6 @@ class Config:
     chat_template: str | None = _opt(None, "Jinja chat template file")   # overrides the tokenizer's
     seed: int = _opt(0)
     cache_dir: str = "~/.cache/gateway"   # converted GGUF models live here
-    # server
-    host: str = _server("127.0.0.1")
-    port: int = _server(8000)
-    served_model_name: str | None = _server(None)
-    api_keys: list[str] = _server(help="repeatable; also $GATEWAY_API_KEY", factory=list, name="--api-key")
-    guard_metrics: bool = _server(False, "require the API key on /metrics")
     # multi-host (executor/rendezvous.py): node 0 serves, nodes 1.. run `gateway worker`
     nnodes: int = _dist(1, "hosts the ranks are spread over (node 0 serves HTTP)")
     node_rank: int = _dist(0, "this host's index; `gateway serve` is node 0", env="GROUP_RANK")
@@ -122,6 +116,12 @@ class Config:
               "scheduled (preempted ones included), whatever --max-num-seqs is; the same count as "
               "gateway:num_requests_waiting; >= 1")
     max_request_bytes: int = _server(4 * 2**20)
+    # server
+    host: str = _server("127.0.0.1")
+    port: int = _server(8000)
+    served_model_name: str | None = _server(None)
+    api_keys: list[str] = _server(help="repeatable; also $GATEWAY_API_KEY", factory=list, name="--api-key")
+    guard_metrics: bool = _server(False, "require the API key on /metrics")
     cors_origins: list[str] = _server(factory=list, name="--cors-origin")
     cors_allow_methods: list[str] = _server(help="comma-separated or repeatable (default: *)",
                                             factory=lambda: ["*"], csv=True)
@@ -172,12 +172,6 @@ class Config:
         if self.request_timeout is not None and not 0 < self.request_timeout < float("inf"):
             raise ValueError(f"--request-timeout must be a positive number of seconds, not {self.request_timeout!r}")
         self._check_server_limits()
-
-    def _check_choices(self) -> None:
-        for f in dataclasses.fields(self):
-            flag, value = flag_of(f), getattr(self, f.name)
-            if flag is None or flag.choices is None or value in flag.choices or value is f.default is None:
-                continue
         self._check_distributed()
 
     def _check_distributed(self) -> None:
@@ -194,7 +188,7 @@ class Config:
                                  f"positive layer counts (one per --pp stage)")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
-        if (self.tensor_parallel_size * self.pipeline_parallel_size) % self.nnodes:
+        if self.node_rank == 0 and (self.tensor_parallel_size * self.pipeline_parallel_size) % self.nnodes:
             raise ValueError(f"--tp x --pp ({self.tensor_parallel_size * self.pipeline_parallel_size} ranks) "
                              f"must divide evenly over --nnodes {self.nnodes}")
         if self.nnodes > 1 and self.master_port is None:
@@ -220,6 +214,12 @@ class Config:
 
     def _check_server_limits(self) -> None:
         # An empty key would let `Authorization: Bearer ` (no token) in.
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            flag, value = flag_of(f), getattr(self, f.name)
+            if flag is None or flag.choices is None or value in flag.choices or value is f.default is None:
+                continue
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise ValueError("--api-key must not be empty or whitespace-only")
         if not 0 <= self.shutdown_grace_s < float("inf"):

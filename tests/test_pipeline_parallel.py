@@ -8,7 +8,16 @@ start-up error naming the missing rank after --dist-timeout)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 
+import httpx
 import pytest
 
 from conftest import make_tiny_model
@@ -74,3 +83,106 @@ def test_tp2_pp2_greedy_tokens_equal_pp1(tiny_pp_model):
     got, _, pids = _greedy(tiny_pp_model, pipeline_parallel_size=2, tensor_parallel_size=2)
     assert got == expected
     assert len(pids) == 3 and mp.active_children() == []
+
+
+# ---- two "hosts": `gateway serve --nnodes 2` and `gateway worker --node-rank 1` -------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_worker(master_port: int, *extra: str):
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--nnodes", "2", "--node-rank", "1",
+                             "--master-addr", "127.0.0.1", "--master-port", str(master_port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)    # its own process tree, as on another host
+    return proc, log
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+CHAT = ["Name three colors.", "What is the capital of France?", "What is 12 times 7?"]
+
+
+SERVE = ["--dtype", "float32", "--max-model-len", "512", "--num-kv-blocks", "64", "--log-level", "warning"]
+
+
+def _chat_answers(url: str) -> list[str]:
+    import openai
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    return [client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=16,
+                                           temperature=0).choices[0].message.content for p in CHAT]
+
+
+@pytest.mark.slow
+def test_two_hosts_serve_the_default_model_and_a_killed_follower_gives_503s():
+    from server_process import ServerProcess
+    with ServerProcess(SERVE, start_timeout_s=300) as reference:
+        expected = _chat_answers(reference.url)
+    port = _free_port()
+    worker, _ = _start_worker(port)                # before the leader: it waits for the store
+    server = ServerProcess(["--pp", "2", "--nnodes", "2", "--node-rank", "0", "--master-port", str(port),
+                            "--dist-timeout", "240", *SERVE], stop_timeout_s=30)
+    try:
+        server.wait_ready(300)
+        assert _chat_answers(server.url) == expected and all(expected)
+        status = {}
+        model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+        sender = threading.Thread(target=lambda: status.update(
+            code=httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code))
+        sender.start()
+        while httpx.get(server.url + "/ready", timeout=5).json()["kv_blocks_in_use"] == 0:
+            assert sender.is_alive(), f"the request ended before the kill: {status}"
+        _stop(worker)                              # the whole follower tree, SIGKILL
+        killed = time.monotonic()
+        sender.join(10)
+        assert status.get("code") == 503 and time.monotonic() - killed < 2, status   # the in-flight request
+        assert _ready_fails(server.url, time.monotonic() + 2)
+        server.proc.wait(30)
+        assert server.proc.returncode not in (0, None), server.tail()
+    finally:
+        server.stop()
+        _stop(worker)
+
+
+@pytest.mark.slow
+def test_a_missing_follower_is_named_after_the_timeout(tiny_pp_model):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", str(tiny_pp_model), "--pp", "2",
+                             "--nnodes", "2", "--master-port", str(_free_port()), "--port", str(_free_port()),
+                             "--dist-timeout", "3", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "rank(s) [1] did not join within 3s" in result.stderr
+    assert "gateway worker --nnodes 2 --node-rank 1" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_follower_started_alone_gives_up_after_its_timeout():
+    proc, log = _start_worker(_free_port(), "--dist-timeout", "2")
+    try:
+        assert proc.wait(60) == 1
+        log.seek(0)
+        assert "cannot reach the leader's rendezvous store at 127.0.0.1" in log.read()
+    finally:
+        _stop(proc)
+
+
+def _ready_fails(url: str, deadline: float) -> bool:
+    """/ready answers 503, or the server already stopped listening (it exits after a crash)."""
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 503:
+                return True
+        except httpx.HTTPError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 
 from gateway.config import Config
 from gateway.executor.dist_worker import build_rank, rank_main
-from gateway.executor.errors import ExecutorDeadError
+from gateway.executor.errors import ExecutorDeadError, RendezvousError
 from gateway.executor.interface import StepResult
 from gateway.executor.messages import Shutdown
 from gateway.executor.parallel import free_port, resolve_backend
@@ -110,7 +110,7 @@ class PipelineExecutor:
     def _check_local_ranks(self) -> None:
         for rank, proc in self._procs:
             if proc.exitcode is not None:
-                raise RuntimeError(f"{self.layout.describe(rank)} exited during start-up (exit code "
+                raise RendezvousError(f"{self.layout.describe(rank)} exited during start-up (exit code "
                                    f"{proc.exitcode}; its log is above)")
 
     # ---- the step ------------------------------------------------------------------------

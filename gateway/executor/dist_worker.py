@@ -19,6 +19,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
+from gateway.executor.errors import RendezvousError
 from gateway.executor.rendezvous import DistSpec
 
 log = logging.getLogger("gateway.worker")
@@ -76,7 +77,7 @@ def _agree_on_cache(layout, reports) -> int:
     first = reports[0]
     for rank, report in enumerate(reports):
         if report[0] != first[0] or report[2:] != first[2:]:
-            raise RuntimeError(f"{layout.describe(rank)} disagrees with rank 0 on (block size, hidden, "
+            raise RendezvousError(f"{layout.describe(rank)} disagrees with rank 0 on (block size, hidden, "
                                f"layers, vocab): {report[0:1] + report[2:]} vs {first[0:1] + first[2:]}; "
                                f"every node must load the same model")
     return min(report[1] for report in reports)

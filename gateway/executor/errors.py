@@ -5,3 +5,8 @@ knows; the engine loop turns it into its own EngineDeadError for every request."
 
 class ExecutorDeadError(RuntimeError):
     """This executor is gone for good: workers are not restarted."""
+
+
+class RendezvousError(RuntimeError):
+    """The ranks of a pipeline-parallel or multi-host run did not all meet at start-up (a rank
+    missing after --dist-timeout, one that failed, a leader that cannot be reached)."""

@@ -22,11 +22,12 @@ import datetime
 import pickle
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from gateway.config import Config
+from gateway.executor.errors import RendezvousError
 from gateway.executor.placement import Placement
 
 SPEC_KEY, JOINED, FAILED = "gateway/spec", "gateway/joined/", "gateway/failed/"
@@ -86,9 +87,8 @@ class DistSpec:
     shm_base: str                           # stage s's segment: f"{shm_base}_s{s}"
     liveness: tuple[str, int] | None        # the leader's liveness listener (nnodes > 1)
     collective_timeout_s: float
-    slot_bytes: int = 0
-    extra: dict = field(default_factory=dict)
-
+    slot_bytes: int = 0                     # shared-memory slot (executor._slot_bytes)
+    
 
 # ---- the store -----------------------------------------------------------------------------
 def open_store(host: str, port: int, timeout_s: float, is_master: bool):
@@ -98,7 +98,7 @@ def open_store(host: str, port: int, timeout_s: float, is_master: bool):
                              wait_for_workers=False)
     except (RuntimeError, OSError) as exc:
         what = "open the rendezvous store on" if is_master else "reach the leader's rendezvous store at"
-        raise RuntimeError(f"cannot {what} {host}:{port} within {timeout_s:.0f}s: {exc}") from exc
+        raise RendezvousError(f"cannot {what} {host}:{port} within {timeout_s:.0f}s: {exc}") from exc
 
 
 def publish_spec(store, spec: DistSpec) -> None:
@@ -127,12 +127,12 @@ def await_ranks(store, layout: Layout, timeout_s: float, check_local=lambda: Non
     while waiting:
         for rank in sorted(waiting):
             if store.check([f"{FAILED}{rank}"]):
-                raise RuntimeError(f"{layout.describe(rank)} failed to start:\n{store.get(f'{FAILED}{rank}').decode()}")
+                raise RendezvousError(f"{layout.describe(rank)} failed to start:\n{store.get(f'{FAILED}{rank}').decode()}")
             if store.check([f"{JOINED}{rank}"]):
                 waiting.discard(rank)
         check_local()
         if waiting and time.monotonic() > deadline:
-            raise RuntimeError(_missing_message(layout, sorted(waiting), timeout_s))
+            raise RendezvousError(_missing_message(layout, sorted(waiting), timeout_s))
         if waiting:
             time.sleep(0.05)
 
@@ -163,7 +163,7 @@ def accept_nodes(listener: socket.socket, nnodes: int, timeout_s: float) -> dict
     while len(nodes) < nnodes - 1:
         if time.monotonic() > deadline:
             missing = sorted(set(range(1, nnodes)) - set(nodes))
-            raise RuntimeError(f"node(s) {missing} opened no liveness connection within {timeout_s:.0f}s")
+            raise RendezvousError(f"node(s) {missing} opened no liveness connection within {timeout_s:.0f}s")
         try:
             conn, _ = listener.accept()
         except TimeoutError:
