@@ -110,18 +110,18 @@ class Config:
     master_port: int | None = _dist(None, "the leader's rendezvous port (default: a free one on one host)",
                                     env="MASTER_PORT")
     dist_timeout_s: float = _dist(300.0, "seconds to wait for every rank at start-up", name="--dist-timeout")
-    metrics_compat: str | None = _server(None, choices=("vllm",))   # "vllm" also exposes vllm:* families
-    max_waiting_requests: int = _server(
-        1024, "429 (Retry-After) for a request that arrives while this many wait: accepted but not yet "
-              "scheduled (preempted ones included), whatever --max-num-seqs is; the same count as "
-              "gateway:num_requests_waiting; >= 1")
-    max_request_bytes: int = _server(4 * 2**20)
     # server
     host: str = _server("127.0.0.1")
     port: int = _server(8000)
     served_model_name: str | None = _server(None)
     api_keys: list[str] = _server(help="repeatable; also $GATEWAY_API_KEY", factory=list, name="--api-key")
     guard_metrics: bool = _server(False, "require the API key on /metrics")
+    metrics_compat: str | None = _server(None, choices=("vllm",))   # "vllm" also exposes vllm:* families
+    max_waiting_requests: int = _server(
+        1024, "429 (Retry-After) for a request that arrives while this many wait: accepted but not yet "
+              "scheduled (preempted ones included), whatever --max-num-seqs is; the same count as "
+              "gateway:num_requests_waiting; >= 1")
+    max_request_bytes: int = _server(4 * 2**20)
     cors_origins: list[str] = _server(factory=list, name="--cors-origin")
     cors_allow_methods: list[str] = _server(help="comma-separated or repeatable (default: *)",
                                             factory=lambda: ["*"], csv=True)
@@ -208,18 +208,18 @@ class Config:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
-            names = ", ".join(flag.choices[:-1]) + " or " if len(flag.choices) > 1 else ""
-            raise ValueError(f"{flag.option_strings(f.name)[0]} must be {names}{flag.choices[-1]}, "
-                             f"not {value!r}")
-
-    def _check_server_limits(self) -> None:
-        # An empty key would let `Authorization: Bearer ` (no token) in.
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
             flag, value = flag_of(f), getattr(self, f.name)
             if flag is None or flag.choices is None or value in flag.choices or value is f.default is None:
                 continue
+            names = ", ".join(flag.choices[:-1]) + " or " if len(flag.choices) > 1 else ""
+            raise ValueError(f"{flag.option_strings(f.name)[0]} must be {names}{flag.choices[-1]}, "
+                             f"not {value!r}")
+
+    def _check_server_limits(self) -> None:
+        # An empty key would let `Authorization: Bearer ` (no token) in.
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise ValueError("--api-key must not be empty or whitespace-only")
         if not 0 <= self.shutdown_grace_s < float("inf"):
