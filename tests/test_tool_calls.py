@@ -6,7 +6,8 @@ required and named choices always produce calls whose arguments validate (non-st
 streamed with the SDK's own accumulator, temperature 1.0 over several seeds), streamed calls
 reassemble to exactly the non-streamed ones, `none` answers in text, a tool-result turn is
 rendered and answered, and bad tools are 400s naming the field. Plus guided_choice and
-guided_grammar, and SamplingParams(choice=...) in the offline API's terms."""
+guided_grammar, SamplingParams(choice=..., grammar=...) in the Python API, and a template that
+reads `tools` rendering them itself."""
 
 from __future__ import annotations
 
@@ -265,3 +266,47 @@ def test_guided_choice_and_grammar_over_http(client):
                                   extra_body={"guided_grammar": 'root ::= [0-9] ("," [0-9]){2}'})
     text = r.choices[0].text
     assert len(text) == 5 and text[1::2] == ",," and text[::2].isdigit()
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "[call {{ c.function.name }} city={{ c.function.arguments.city }}]{% endfor %}"
+    "{% if m.name %}[result of {{ m.name }}]{% endif %}{% endfor %}<assistant>")
+
+
+def test_a_template_that_reads_tools_renders_them_itself(tiny_llama_dir, tmp_path):
+    import asyncio
+
+    from gateway.api.pipeline import Pipeline
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    with LiveServer(model=str(tiny_llama_dir), chat_template=str(template), num_kv_blocks=64, block_size=16,
+                    max_model_len=512) as live:
+        req = chat(messages=ROUND_TRIP, tools=TOOLS)
+        pipe = Pipeline(live.engine, live.config)
+        assert pipe.template_uses_tools
+        text = live.engine.decode(asyncio.run(pipe.encode_chat(req.messages, req.tools)))
+        assert text.startswith("<tools>get_weather;add;</tools><user>What is the weather")   # no preamble
+        assert "[call get_weather city=Paris]" in text and "[result of get_weather]" in text
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=live.engine.model_name, messages=ROUND_TRIP, tools=TOOLS,
+                                           tool_choice="required", max_tokens=80, temperature=1.0, seed=1)
+        assert r.choices[0].finish_reason in ("tool_calls", "length")   # a random model may run out of tokens
+        if r.choices[0].finish_reason == "tool_calls":
+            _valid(r.choices[0].message.tool_calls, set(SCHEMAS))
+
+
+def test_sampling_params_choice_and_grammar_in_the_python_api(tiny_llama_dir):
+    from gateway.engine.llm import LLM
+    from gateway.sampling.params import SamplingParams
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=64, block_size=16, max_model_len=256)
+    try:
+        params = [SamplingParams(choice=["red", "green", "blue"], temperature=1.0, seed=s, max_tokens=8)
+                  for s in SEEDS]
+        assert {o.text for o in llm.generate(["Pick a color:"] * 3, params)} <= {"red", "green", "blue"}
+        out = llm.generate(["Digits:"], SamplingParams(grammar='start: /[0-9]{3}/ "!"', temperature=1.0,
+                                                       max_tokens=8))[0].text
+        assert len(out) == 4 and out[:3].isdigit() and out.endswith("!")
+    finally:
+        llm.close()
