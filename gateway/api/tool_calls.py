@@ -111,7 +111,6 @@ class ToolCallParser:
             rest = CALL_OPEN + rest
         if self._mode in ("start", "head", "text") and rest or self._mode == "between" and rest.strip():
             self._content(rest, events)
-        self._mode = "text" if rest else self._mode
         return events
 
     # ---- one step per state; True when it made progress and should run again ----------
