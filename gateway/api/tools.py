@@ -15,6 +15,10 @@ Grammar per choice: `required` → one or more calls (one when parallel_tool_cal
 each call's JSON fixed to a known name and that function's `parameters` schema; a named
 choice → one call of that function; `auto` → either free text that does not start with `<`
 or those calls; `none` → no tools in the prompt and no grammar (a plain answer).
+
+For a route: `parse_tools(body)` → ToolSpec or None; `message_fields(...)` per input message;
+`render(messages, spec, template_uses_tools(template))` → (messages, tools for the template);
+`SamplingParams(grammar=spec.grammar())`; the reply through tool_calls.ToolCallParser.
 Pure: no I/O, no engine calls."""
 
 from __future__ import annotations
