@@ -83,8 +83,15 @@ def one(docs: list[dict], kind: str) -> dict:
     return found[0]
 
 
+def server_pod(docs: list[dict]) -> dict:
+    """The pod spec serving HTTP: the Deployment's, or in multiHost mode the LeaderWorkerSet leader's."""
+    if by_kind(docs, "LeaderWorkerSet"):
+        return one(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
 def container(docs: list[dict]) -> dict:
-    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return server_pod(docs)["containers"][0]
 
 
 def env_of(c: dict) -> dict:
@@ -163,6 +170,31 @@ CRD_SCHEMAS = {
 }
 
 
+_POD_TEMPLATE = _strict({"metadata": _strict({"labels": _STR_MAP, "annotations": _STR_MAP}), "spec": {"type": "object"}},
+                        required=["spec"])
+CRD_SCHEMAS[("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")] = _strict({   # the LWS CRD, a strict subset
+    "apiVersion": {"const": "leaderworkerset.x-k8s.io/v1"}, "kind": {"const": "LeaderWorkerSet"},
+    "metadata": _META,
+    "spec": _strict({
+        "replicas": {"type": "integer", "minimum": 0},
+        "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+        "leaderWorkerTemplate": _strict({
+            "size": {"type": "integer", "minimum": 1},
+            "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None", "Default"]},
+            "leaderTemplate": _POD_TEMPLATE, "workerTemplate": _POD_TEMPLATE,
+        }, required=["workerTemplate"]),
+    }, required=["leaderWorkerTemplate"]),
+}, required=["apiVersion", "kind", "metadata", "spec"])
+
+
+def lws_pods(doc: dict) -> dict[str, dict]:
+    """The LeaderWorkerSet's pod templates as Pods, which kubernetes-validate knows."""
+    lwt = doc["spec"]["leaderWorkerTemplate"]
+    return {role: {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": f"{doc['metadata']['name']}-{role}", **lwt[f"{role}Template"]["metadata"]},
+                   "spec": lwt[f"{role}Template"]["spec"]} for role in ("leader", "worker")}
+
+
 def _seconds(duration: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
     return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)(ms|[smhdwy])", duration))
@@ -174,6 +206,9 @@ def validate_manifest(doc: dict, kube_version: str) -> None:
         jsonschema.validate(doc, crd)
         for endpoint in doc["spec"].get("endpoints", []):   # Prometheus refuses timeout > interval
             assert _seconds(endpoint["scrapeTimeout"]) <= _seconds(endpoint["interval"]), endpoint
+        if doc["kind"] == "LeaderWorkerSet":
+            for pod in lws_pods(doc).values():
+                kubernetes_validate.validate(pod, kube_version, strict=True)
         return
     # Anything else must be a built-in kind of that Kubernetes release: a missing schema
     # (SchemaNotFoundError) fails the test instead of being skipped with a warning.
@@ -356,7 +391,7 @@ SHUTDOWN_CASES = {name: (files, ()) for name, files in CASES.items()} | {
 def test_drain_grace_and_pre_stop_sleep_fit_in_the_termination_grace_period(helm, case):
     """preStop sleep + --shutdown-grace + margin == terminationGracePeriodSeconds, as the server parses it."""
     files, sets = SHUTDOWN_CASES[case]
-    pod = one(render(files, sets), "Deployment")["spec"]["template"]["spec"]
+    pod = server_pod(render(files, sets))
     c = pod["containers"][0]
     config = config_from_args(build_parser().parse_args(c["args"]), {"GATEWAY_API_KEY": "k"})
     values = chart_values(files)
@@ -551,3 +586,46 @@ def test_helm_test_pod_lists_models_with_the_api_key(helm, served, keys, passes)
 
 if __name__ == "__main__":
     print(helm_bin())
+
+
+# --- multi-host mode (LeaderWorkerSet) ------------------------------------------------------
+MULTIHOST = (str(CHART / "ci" / "multihost-values.yaml"),)
+
+
+def _lws_args(args: list[str], worker_index: int) -> list[str]:
+    """What Kubernetes hands the process after expanding LWS's variables."""
+    env = {"$(LWS_LEADER_ADDRESS)": "rel-gateway-0.rel-gateway.llm", "$(LWS_WORKER_INDEX)": str(worker_index)}
+    return [env.get(a, a) for a in args]
+
+
+def test_multihost_mode_is_off_by_default_and_replaces_the_deployment_with_a_leaderworkerset(helm):
+    assert not by_kind(render(), "LeaderWorkerSet") and one(render(), "Deployment")
+    docs = render(MULTIHOST, sets=("gpu.enabled=true",))
+    assert not by_kind(docs, "Deployment")
+    lws = one(docs, "LeaderWorkerSet")["spec"]
+    assert lws["replicas"] == 2 and lws["leaderWorkerTemplate"]["size"] == 2
+    service = one(docs, "Service")["spec"]
+    assert service["selector"]["gateway.role"] == "leader"
+    assert lws["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["labels"]["gateway.role"] == "leader"
+    pods = lws_pods(one(docs, "LeaderWorkerSet"))
+    for pod in pods.values():   # tp 2 x pp 2 over 2 pods: 2 GPUs each
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    leader = config_from_args(build_parser().parse_args(_lws_args(pods["leader"]["spec"]["containers"][0]["args"], 0)), {})
+    assert (leader.tensor_parallel_size, leader.pipeline_parallel_size, leader.nnodes, leader.node_rank) == (2, 2, 2, 0)
+    assert leader.master_addr == "rel-gateway-0.rel-gateway.llm" and leader.master_port == 29500
+    worker = pods["worker"]["spec"]["containers"][0]
+    assert "ports" not in worker and "readinessProbe" not in worker and "lifecycle" not in worker
+    args = build_parser().parse_args(_lws_args(worker["args"], 1))
+    assert args.command == "worker"
+    config = config_from_args(args, {})
+    assert (config.nnodes, config.node_rank, config.master_addr, config.master_port, config.dist_timeout_s) == \
+        (2, 1, leader.master_addr, 29500, 300)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("autoscaling.hpa.enabled=true",), "multiHost does not combine with autoscaling"),
+    (("multiHost.nodes=3",), "multiHost.nodes must divide"),
+])
+def test_multihost_mode_refuses_what_it_cannot_do(helm, sets, message):
+    proc = run_helm("template", "rel", str(CHART), *value_args(MULTIHOST, sets))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr

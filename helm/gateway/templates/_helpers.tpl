@@ -116,6 +116,15 @@ tests/test_helm.py feeds exactly this list to gateway.cli.build_parser().
 - {{ $s.port | int64 | quote }}
 - --tp
 - {{ $e.tensorParallelSize | int64 | quote }}
+{{- if gt (int $e.pipelineParallelSize) 1 }}
+- --pp
+- {{ $e.pipelineParallelSize | int64 | quote }}
+{{- end }}
+{{- if .Values.multiHost.enabled }}
+{{- include "gateway.rendezvousArgs" . }}
+- --node-rank
+- "0"
+{{- end }}
 {{- if .Values.gpu.enabled }}
 - --device
 - cuda
@@ -162,6 +171,50 @@ tests/test_helm.py feeds exactly this list to gateway.cli.build_parser().
 {{- range $e.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+multiHost: where every node of a LeaderWorkerSet group meets (LWS sets LWS_LEADER_ADDRESS, the
+leader pod's address through the group's headless service, and LWS_WORKER_INDEX in each pod;
+Kubernetes expands $(VAR) in args).
+*/}}
+{{- define "gateway.rendezvousArgs" -}}
+{{- $h := .Values.multiHost }}
+- --nnodes
+- {{ $h.nodes | int64 | quote }}
+- --master-addr
+- "$(LWS_LEADER_ADDRESS)"
+- --master-port
+- {{ $h.port | int64 | quote }}
+- --dist-timeout
+- {{ $h.timeoutSeconds | int64 | quote }}
+{{- end }}
+
+{{/*
+A multiHost worker pod: `gateway worker`; its configuration comes from the leader.
+*/}}
+{{- define "gateway.workerArgs" -}}
+- worker
+{{- include "gateway.rendezvousArgs" . }}
+- --node-rank
+- "$(LWS_WORKER_INDEX)"
+- --log-level
+- {{ .Values.server.logLevel | quote }}
+{{- end }}
+
+{{/*
+The container resources, with the GPUs of the ranks in one pod (tp x pp / nodes) on GPU nodes.
+*/}}
+{{- define "gateway.resources" -}}
+{{- $resources := deepCopy (default (dict) .Values.resources) }}
+{{- if .Values.gpu.enabled }}
+{{- $e := .Values.engine }}
+{{- $nodes := ternary (int .Values.multiHost.nodes) 1 .Values.multiHost.enabled }}
+{{- $limits := default (dict) $resources.limits }}
+{{- $_ := set $limits .Values.gpu.resourceName (div (mul (int $e.tensorParallelSize) (int $e.pipelineParallelSize)) $nodes | int64) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+{{- toYaml $resources }}
 {{- end }}
 
 {{/*
@@ -227,6 +280,14 @@ Checks across values that the JSON schema cannot express; rendered (as nothing) 
 {{- end }}
 {{- if lt (int (include "gateway.shutdownGrace" .)) 0 }}
 {{- fail "terminationGracePeriodSeconds must be at least shutdown.preStopSleepSeconds + shutdown.marginSeconds (the drain would get no time)" }}
+{{- end }}
+{{- $h := .Values.multiHost }}
+{{- if and $h.enabled (include "gateway.autoscaled" .) }}
+{{- fail "multiHost does not combine with autoscaling (a LeaderWorkerSet group is scaled by multiHost.groups)" }}
+{{- end }}
+{{- $ranks := mul (int .Values.engine.tensorParallelSize) (int .Values.engine.pipelineParallelSize) }}
+{{- if and $h.enabled (mod $ranks (int $h.nodes)) }}
+{{- fail "multiHost.nodes must divide engine.tensorParallelSize x engine.pipelineParallelSize (the ranks per pod)" }}
 {{- end }}
 {{- $keda := .Values.autoscaling.keda }}
 {{- if and $keda.enabled (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
