@@ -69,6 +69,7 @@ def test_tools_parse_into_a_spec_and_a_grammar():
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
      "tools[0].function.parameters", "schema"),
     (dict(tools=TOOLS + TOOLS[:1]), "tools", "twice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "description": "x" * 70_000}}]), "tools", "bytes"),
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", "nope"),
     (dict(tools=TOOLS, tool_choice="always"), "tool_choice", "must be one of"),
     (dict(tool_choice="required"), "tool_choice", "tools"),
