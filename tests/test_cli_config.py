@@ -40,11 +40,30 @@ def test_every_flag_reaches_its_field():
             argv = [name, expected]
         elif f.name == "kv_cache_memory":
             argv, expected = [name, "3MiB"], "3MiB"
+        elif f.name == "pp_layers":   # one count per stage
+            argv, expected = [name, "7", "--pp", "1"], "7"
+        elif f.name in ("nnodes", "node_rank"):   # needs a rendezvous port and ranks to spread
+            argv, expected = [name, "2" if f.name == "nnodes" else "1", "--nnodes", "2", "--pp", "2",
+                              "--master-port", "29500"], 2 if f.name == "nnodes" else 1
         else:   # a valid value other than the default, of the field's type
             kind = _kind(hints[f.name])
             expected = {int: 2048 if f.name != "max_model_len" else 64, float: 7.5, str: "x.py"}[kind]
             argv = [name, str(expected)]
         assert getattr(serve(*argv), f.name) == expected, name
+
+
+def test_distributed_flags_and_torchrun_variables():
+    config = serve("--pp", "2", "--pp-layers", "20,10", "--nnodes", "2", environ={"MASTER_ADDR": "10.0.0.1",
+                                                                             "MASTER_PORT": "29501"})
+    assert (config.pp_layer_counts, config.master_addr, config.master_port, config.world_size) == \
+        ([20, 10], "10.0.0.1", 29501, 2)
+    for argv, message in [(["--pp", "2", "--pp-layers", "30"], "must give 2 positive layer counts"),
+                          (["--pp-layers", "a"], "comma-separated integers"),
+                          (["--nnodes", "2", "--pp", "2"], "needs --master-port"),
+                          (["--nnodes", "2", "--master-port", "1"], r"--tp x --pp \(1 ranks\) must divide"),
+                          (["--node-rank", "2", "--nnodes", "2", "--master-port", "1"], "--node-rank 2 must be in")]:
+        with pytest.raises(ValueError, match=message):
+            serve(*argv)
 
 
 def test_aliases_env_and_csv():
