@@ -42,7 +42,11 @@ class StageRunner(ModelRunner):
         self.stage_model, self.received = self.model, None
         if not stage.is_first:
             self.model = _FedModel(self, self.stage_model)
-        self.bytes_sent, self.wait_s, self.compute_s, self.steps = 0, 0.0, 0.0, 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.bytes_sent = self.bytes_received = self.steps = 0
+        self.wait_s = self.compute_s = 0.0
 
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
@@ -53,6 +57,7 @@ class StageRunner(ModelRunner):
             self.received = torch.empty((2, tokens, self.arch.hidden_size), dtype=self.dtype, device=self.device)
             self._dist.recv(self.received, self.prev_rank)
             self.wait_s += time.perf_counter() - started
+            self.bytes_received += self.received.numel() * self.received.element_size()
         started = time.perf_counter()
         try:
             if self.stage.is_last:
@@ -68,5 +73,5 @@ class StageRunner(ModelRunner):
         return StepResult([None] * len(scheduled), None)
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "bytes_sent": self.bytes_sent, "wait_s": self.wait_s,
-                "compute_s": self.compute_s}
+        return {"steps": self.steps, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "wait_s": self.wait_s, "compute_s": self.compute_s}
