@@ -311,3 +311,15 @@ def test_sampling_params_choice_and_grammar_in_the_python_api(tiny_llama_dir):
         assert len(out) == 4 and out[:3].isdigit() and out.endswith("!")
     finally:
         llm.close()
+
+
+def test_sessions_refuse_tools():
+    from starlette.testclient import TestClient
+
+    from gateway.api.app import build_app
+    from gateway.config import Config
+    from test_api_app import FakeEngine
+    with TestClient(build_app(FakeEngine(), Config())) as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        r = client.post(f"/v1/sessions/{sid}/chat", json={"content": "hi", "tools": TOOLS})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
