@@ -46,6 +46,21 @@ def test_rank_zero_holds_the_last_stage_and_nodes_hold_contiguous_ranks():
     assert not Layout(tp=2, pp=1, nnodes=2).on_one_node([0, 1])
 
 
+def test_a_step_splits_into_two_micro_batches_of_about_equal_tokens_and_merges_back_in_order():
+    from types import SimpleNamespace
+
+    from gateway.executor.interface import StepResult
+    from gateway.executor.stage_runner import merge_results, split_rows
+    rows = [SimpleNamespace(num_new_tokens=n) for n in (1, 1, 1, 1, 8, 4)]   # decodes first
+    first, second = split_rows(rows)
+    assert [r.num_new_tokens for r in first] == [1, 1, 1, 1, 8] and [r.num_new_tokens for r in second] == [4]
+    assert split_rows(rows[:1]) == [rows[:1]]
+    assert [len(p) for p in split_rows([SimpleNamespace(num_new_tokens=1)] * 32)] == [16, 16]
+    merged = merge_results([StepResult([5, None], None, {1: "bad"}), StepResult([7], ["lp"], {0: "worse"})], [2, 1])
+    assert merged.token_ids == [5, None, 7] and merged.logprobs == [None, None, "lp"]
+    assert merged.errors == {1: "bad", 2: "worse"}
+
+
 # ---- in-process parity (tiny model) -------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_pp_model(tmp_path_factory, default_model_dir):

@@ -1,6 +1,8 @@
 """StageRunner: one rank's ModelRunner under pipeline parallelism (a LayerStage of the model).
 
-Each step, in order: the flat batch (every rank builds the same one from the same schedule) →
+Each step is cut into two micro-batches of about equal tokens (split_rows, the same cut on every
+rank), so two are in flight: the next stage runs the first while this one runs the second.
+Per micro-batch, in order: the flat batch (every rank builds the same one from the same rows) →
 not the first stage: receive the previous stage's [2, T, H] (hidden, residual) from the rank
 with the same tensor rank there → this stage's layers → not the last stage: send the result
 to the next stage and return a StepResult of Nones; the last stage goes on as ModelRunner
@@ -51,6 +53,11 @@ class StageRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
         self.steps += 1
+        parts = split_rows(scheduled)
+        results = [self._execute_part(part) for part in parts]
+        return results[0] if len(results) == 1 else merge_results(results, [len(p) for p in parts])
+
+    def _execute_part(self, scheduled) -> StepResult:
         if not self.stage.is_first:
             started = time.perf_counter()
             tokens = sum(entry.num_new_tokens for entry in scheduled)
@@ -75,3 +82,39 @@ class StageRunner(ModelRunner):
     def stats(self) -> dict:
         return {"steps": self.steps, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "wait_s": self.wait_s, "compute_s": self.compute_s}
+
+
+def split_rows(scheduled) -> list:
+    """Two micro-batches of about equal tokens (one for a single row), cut the same way on every
+    rank: while the next stage runs the first, this one runs the second. Each keeps the
+    scheduler's order (one-token rows first), which build_flat_batch requires."""
+    if len(scheduled) < 2:
+        return [scheduled]
+    tokens = [entry.num_new_tokens for entry in scheduled]
+    half, total, cut = sum(tokens) / 2, 0, len(tokens) - 1
+    for index, count in enumerate(tokens):
+        total += count
+        if total >= half:
+            cut = index + 1
+            break
+    cut = min(max(cut, 1), len(scheduled) - 1)
+    return [scheduled[:cut], scheduled[cut:]]
+
+
+def merge_results(results: list[StepResult], sizes: list[int]) -> StepResult:
+    """The micro-batches' results as one step's, rows in the scheduler's order."""
+    tokens, errors, pooled, logprobs = [], {}, {}, None
+    if any(r.logprobs is not None for r in results):
+        logprobs = []
+    offset = 0
+    for result, size in zip(results, sizes):
+        tokens += result.token_ids
+        if logprobs is not None:
+            logprobs += result.logprobs if result.logprobs is not None else [None] * size
+        errors.update({offset + row: why for row, why in result.errors.items()})
+        pooled.update({offset + row: chunk for row, chunk in getattr(result, "pooled", {}).items()})
+        offset += size
+    merged = StepResult(tokens, logprobs, errors)
+    if pooled:
+        merged.pooled = pooled
+    return merged
