@@ -61,6 +61,16 @@ def test_a_step_splits_into_two_micro_batches_of_about_equal_tokens_and_merges_b
     assert merged.errors == {1: "bad", 2: "worse"}
 
 
+def test_torchrun_variables_name_the_node_under_one_process_per_node():
+    from gateway.config import Config
+    from gateway.executor.node_agent import _torchrun_defaults
+    config = _torchrun_defaults(Config(master_port=29500), {"LOCAL_RANK": "0", "WORLD_SIZE": "3", "RANK": "2"})
+    assert (config.nnodes, config.node_rank) == (3, 2)
+    assert _torchrun_defaults(Config(), {}) == Config()
+    with pytest.raises(ValueError, match="--nproc-per-node 1"):
+        _torchrun_defaults(Config(master_port=29500), {"LOCAL_RANK": "1", "WORLD_SIZE": "4", "RANK": "1"})
+
+
 # ---- in-process parity (tiny model) -------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_pp_model(tmp_path_factory, default_model_dir):
