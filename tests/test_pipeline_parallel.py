@@ -103,9 +103,10 @@ def test_pp2_greedy_tokens_equal_pp1_and_each_stage_holds_its_layers(tiny_pp_mod
     assert len(pids) == 1 and mp.active_children() == []
 
 
-def test_tp2_pp2_greedy_tokens_equal_pp1(tiny_pp_model):
+@pytest.mark.parametrize("tp_comm", ["shm", "gloo"])   # gloo: the subgroups tensor ranks on two hosts use
+def test_tp2_pp2_greedy_tokens_equal_pp1(tiny_pp_model, tp_comm):
     expected, _, _ = _greedy(tiny_pp_model)
-    got, _, pids = _greedy(tiny_pp_model, pipeline_parallel_size=2, tensor_parallel_size=2)
+    got, _, pids = _greedy(tiny_pp_model, pipeline_parallel_size=2, tensor_parallel_size=2, tp_comm=tp_comm)
     assert got == expected
     assert len(pids) == 3 and mp.active_children() == []
 
