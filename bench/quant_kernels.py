@@ -6,7 +6,13 @@ alternated so a loaded box hurts both alike) and GB/s of weight bytes; then the 
 decode step (30 layers + the LM head) at M=1.
 
     PYTHONPATH=. python bench/quant_kernels.py [--m 1,2,4,8,16,32,64,256] [--rounds 60]
-        [--impl c|vnni|bf16|torch] [--threads N] [--step R]
+        [--impl c|gemm|vnni|bf16|torch] [--threads N] [--step R]
+    PYTHONPATH=. python bench/quant_kernels.py --gemm [--m 1,16,64,256,512]   # the crossover table
+
+--gemm: GFLOP/s (2 M N K / time) of every kernel on one weight (Q4_1 codes) per shape K x N
+(576x576, 576x1536, 1536x576, 576x192) and M: the W8A8 kernel ("gemm", on the weight's int8
+per-channel copy), oneDNN bf16, the packed bf16-activation kernel ("bf16") and the int8-per-block
+one ("vnni"), alternated; quant.GEMM_MIN_ROWS is set from where gemm overtakes bf16.
 
 Measured 2026-12-03 (AMD EPYC Zen 4, 2 cores, shared box; 2 threads, median of 15-40 alternated
 samples). --impl vnni (int8 activations) beats oneDNN bf16 at every M tried: 2.3-3.1x at M=1
@@ -103,11 +109,39 @@ def bench_step(rounds: int, impl: str) -> tuple[float, float, int, int]:
     return statistics.median(samples["quant"]), statistics.median(samples["bf16"]), qbytes, bbytes
 
 
+GEMM_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192)]   # K x N
+
+
+def bench_gemm(ms: list[int], rounds: int) -> None:
+    print(f"{'K x N':>10} {'M':>4}  GFLOP/s: {'gemm':>7} {'oneDNN':>7} {'bf16':>7} {'vnni':>7}   gemm/oneDNN gemm/bf16")
+    for k, n in GEMM_SHAPES:
+        pw = weight(n, k, "q4_1")
+        q8 = quant.gemm_weight(pw)
+        dense = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16(), None)
+        for m in ms:
+            x = torch.randn(m, k).bfloat16()
+            inner = max(1, min(50, int(2e6 / (n * k * m / 32 + 1e4))))
+            runs = {"gemm": lambda: quant.quant_linear(x, q8, impl="gemm"),
+                    "oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], ""),
+                    "bf16": lambda: quant.quant_linear(x, pw, impl="bf16"),
+                    "vnni": lambda: quant.quant_linear(x, pw, impl="vnni")}
+            samples = {name: [] for name in runs}
+            for fn in runs.values():
+                fn()
+            for _ in range(rounds):
+                for name, fn in runs.items():
+                    samples[name].append(timed(fn, inner))
+            rate = {name: 2 * m * n * k / statistics.median(v) / 1e3 for name, v in samples.items()}
+            print(f"{k:>5}x{n:<5} {m:4}           {rate['gemm']:7.1f} {rate['oneDNN']:7.1f} {rate['bf16']:7.1f} "
+                  f"{rate['vnni']:7.1f}   {rate['gemm'] / rate['oneDNN']:10.2f} {rate['gemm'] / rate['bf16']:9.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="1,2,4,8,16,32,64,256")
     parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--impl", default="c", choices=["c", "vnni", "bf16", "torch"])
+    parser.add_argument("--impl", default="c", choices=["c", "gemm", "vnni", "bf16", "torch"])
+    parser.add_argument("--gemm", action="store_true", help="the GFLOP/s table of every kernel (see above)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: torch's default)")
     parser.add_argument("--step", type=int, default=15, help="rounds of the whole-step benchmark (0: skip)")
@@ -115,6 +149,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.gemm:
+        print(f"threads {torch.get_num_threads()}")
+        return bench_gemm(list(map(int, args.m.split(","))), args.rounds)
     print(f"threads {torch.get_num_threads()}, impl {args.impl}")
     print(f"per call, hot weights (one weight called repeatedly, so from cache where it fits):")
     print(f"{'shape':8} {'N':>6} {'K':>5} {'type':5} {'M':>4} {'quant µs':>9} {'GB/s':>6} {'bf16 µs':>9} {'GB/s':>6} {'bf16/quant':>10}")

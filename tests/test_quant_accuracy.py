@@ -6,7 +6,12 @@ Bounds (issue 14): the default GGUF served packed (Q4_1 linears, Q8_0 embedding/
 model) quantized at load to int8 per output channel within 1% of its bf16 run; int4 (groups of
 32, scale + min) within 1% too. Measured with the torch reference: packed -0.04%, int8 -0.03%,
 int4 -0.24%, top-1 agreement 0.96-0.98. int4 is near-lossless here only because these weights
-already lie on a Q4_1 grid of groups of 32; the 1% bound is the one int8 gets, not a tighter one."""
+already lie on a Q4_1 grid of groups of 32; the 1% bound is the one int8 gets, not a tighter one.
+Those runs keep bf16 activations (the W8A8 kernel off). With it (issue 15: batched products
+take int8 activations per token and int8 per-channel weights, the GGUF's requantized), both the
+packed GGUF and HF int8 within 2% (issue 14's bound for int8 activations), top-1 >= 0.85:
+measured packed +1.3%, HF int8 +0.7%, top-1 0.88-0.90 (per-token scales are coarser than
+per-block ones; the LM head's top-16 rescoring keeps the chosen tokens' logits exact)."""
 
 import math
 import types
@@ -46,13 +51,19 @@ def runs(default_model_dir):
     loading, merging and un-permuting are checked through the torch reference too."""
     out = {}
     native, quant.NATIVE_KERNELS = quant.NATIVE_KERNELS, True
-    for name, model, mode in (("bf16", None, "none"), ("packed", None, "auto"),
-                              ("int8", str(default_model_dir), "int8"), ("int4", str(default_model_dir), "int4")):
+    crossover = quant.GEMM_MIN_ROWS
+    hf = str(default_model_dir)
+    runs = [("bf16", None, "none", False), ("packed", None, "auto", False), ("int8", hf, "int8", False),
+            ("int4", hf, "int4", False)]
+    if quant.GEMM_KERNEL:   # the same weights with the W8A8 kernel's int8 activations per token
+        runs += [("packed-a8", None, "auto", True), ("int8-a8", hf, "int8", True)]
+    for name, model, mode, int8_activations in runs:
+        quant.GEMM_MIN_ROWS = crossover if int8_activations else 1 << 30   # the prefill is one batch of 328 rows
         llm = LLM(model, quantization=mode, dtype="bfloat16", num_kv_blocks=32, max_model_len=512)
         ids = llm.tokenizer.encode(TEXT)
         out[name] = (teacher_forced_logits(llm, ids), llm.core.runner.weight_bytes, ids)
         del llm
-    quant.NATIVE_KERNELS = native
+    quant.NATIVE_KERNELS, quant.GEMM_MIN_ROWS = native, crossover
     return out
 
 
@@ -84,3 +95,13 @@ def test_hf_int4_is_within_one_percent_of_bf16(runs):
     ratio, agreement, sizes = _compare(runs, "int4")
     assert abs(ratio - 1) < 0.01 and agreement >= 0.9
     assert "int4" in sizes
+
+
+@pytest.mark.parametrize("name,qtype", [("packed-a8", "q4_1"), ("int8-a8", "int8")])
+def test_int8_activations_are_within_two_percent(runs, name, qtype):
+    if name not in runs:
+        pytest.skip("no W8A8 kernel on this machine")
+    ratio, agreement, sizes = _compare(runs, name)
+    assert abs(ratio - 1) < 0.02 and agreement >= 0.85
+    assert qtype in sizes
+    assert not torch.equal(runs[name][0], runs[name.removesuffix("-a8")][0])   # the kernel did run

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from gateway.kernels import quant_layout as layout
 
 GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
-IMPLS = ("c", "vnni", "bf16", "f32", "torch")
+IMPLS = ("c", "gemm", "vnni", "bf16", "f32", "torch")
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
 if _IMPL not in IMPLS:
     raise ImportError(f"GATEWAY_QUANT_KERNELS={_IMPL!r}: one of {', '.join(IMPLS)}")
@@ -36,6 +37,14 @@ if _IMPL not in IMPLS:
 # take "f32" (fp32 FMAs, no rounding of x): any rounding step turns a last-bit difference, e.g.
 # a tensor-parallel sum's order, into a different greedy token, and fp32 models promise none.
 C_KERNEL = "bf16"
+# Batched bf16 products (M >= GEMM_MIN_ROWS: prefill chunks, many decodes) take "gemm" instead:
+# W8A8, activations int8 per token, weights int8 per output channel, vpdpbusd with the whole K
+# summed in int32 (cpu/quant_gemm.c). There the products are compute-bound and int8 does twice
+# the multiply-adds per instruction of bf16. An "int8" weight (--quantization int8) is used as
+# it is (exact: its scale is per channel already); any other type is requantized once to int8
+# per channel (gemm_weight: not exact, |error| <= half the row's int8 step, a fraction of a
+# 4-bit code's step) and that copy kept beside the packed weight. Crossover: bench/quant_kernels.py.
+GEMM_MIN_ROWS = 16
 # NATIVE_KERNELS (module attribute, computed at first read by __getattr__ below, which builds the
 # C library): whether quant_linear runs in C here. Weight loading keeps `--quantization auto`
 # dequantized without them (a dequantize per call is slower than the bf16 path).
@@ -44,6 +53,10 @@ C_KERNEL = "bf16"
 def __getattr__(name: str):
     if name == "NATIVE_KERNELS":
         value = globals()["NATIVE_KERNELS"] = c_kernels_available()
+        return value
+    if name == "GEMM_KERNEL":   # whether the W8A8 kernel runs here (asked once, like NATIVE_KERNELS)
+        value = globals()["GEMM_KERNEL"] = _IMPL != "torch" and quant_cpu.linear(
+            torch.zeros(1, 32, dtype=torch.bfloat16), quantize(torch.ones(1, 32), "int8"), None, "gemm") is not None
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -138,6 +151,21 @@ def concat_rows(pws: list[PackedWeight]) -> PackedWeight:
     return _packed(qtype, (n, k), torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), m)
 
 
+# PackedWeight → its int8 per-channel copy for the gemm kernel (the weight itself for "int8").
+_gemm_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gemm_weight(pw: PackedWeight) -> PackedWeight:
+    """The weight the W8A8 kernel multiplies by: int8 per output channel. "int8" weights are
+    used as they are; other types are dequantized and requantized once (the copy is cached)."""
+    if pw.qtype == "int8":
+        return pw
+    copy = _gemm_weights.get(pw)
+    if copy is None:
+        copy = _gemm_weights[pw] = quantize(dequantize(pw), "int8")
+    return copy
+
+
 def c_kernels_available() -> bool:
     """Whether quant_linear runs in C on this machine (compiler, AVX512-VNNI); without them every
     product dequantizes the whole weight, far slower than serving it as bf16."""
@@ -163,6 +191,11 @@ def fake_quant_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     return (torch.round(g * inv) * (amax / c127)).view(m, -1)[:, :k]
 
 
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x as the gemm kernel sees it: int8 per token (one scale amax / 127 per row)."""
+    return fake_quant_activations(x, max(32, -(-x.shape[1] // 32) * 32))
+
+
 def _check_linear(x: torch.Tensor, pw: PackedWeight) -> None:
     if x.dim() != 2 or x.shape[1] != pw.shape[1]:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} against a weight {pw.shape}")
@@ -172,8 +205,9 @@ def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
                  impl: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype.
 
-    impl: "c" (the default C kernel: `C_KERNEL` for bf16 x, "f32" for fp32 x), "vnni" (int8
-    activations per block, vpdpbusd), "bf16" (bf16 activations, vdpbf16ps; 4-bit codes only,
+    impl: "c" (the default C kernel: for bf16 x "gemm" from GEMM_MIN_ROWS rows up, else
+    `C_KERNEL`; "f32" for fp32 x), "gemm" (W8A8: int8 activations per token against
+    gemm_weight(pw), at any M), "vnni" (int8 activations per block, vpdpbusd), "bf16" (bf16 activations, vdpbf16ps; 4-bit codes only,
     8-bit ones take vnni), "f32" (fp32 FMAs), "torch" (the reference). A C kernel that does not apply falls back to the reference. None
     takes GATEWAY_QUANT_KERNELS as read at import (default "c")."""
     _check_linear(x, pw)
@@ -181,13 +215,29 @@ def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
     if impl not in IMPLS:
         raise ValueError(f"quant_linear: impl {impl!r} is not one of {', '.join(IMPLS)}")
     if impl != "torch":
-        kernel = ("f32" if x.dtype == torch.float32 else C_KERNEL) if impl == "c" else impl
+        kernel = _default_kernel(x) if impl == "c" else impl
+        if kernel == "gemm":
+            out = quant_cpu.linear(x, gemm_weight(pw), bias, "gemm") if _gemm_runs() else None
+            if out is not None:
+                return out
+            kernel = C_KERNEL   # no VNNI: the same fallbacks as the other kernels
         out = quant_cpu.linear(x, pw, bias, kernel)
         if out is None and kernel != "vnni":
             out = quant_cpu.linear(x, pw, bias, "vnni")
         if out is not None:
             return out
     return reference_linear(x, pw, bias)
+
+
+def _gemm_runs() -> bool:
+    """GEMM_KERNEL, probed at the first call (no int8 copy of a weight is made without it)."""
+    return globals()["GEMM_KERNEL"] if "GEMM_KERNEL" in globals() else __getattr__("GEMM_KERNEL")
+
+
+def _default_kernel(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32:
+        return "f32"
+    return "gemm" if x.shape[0] >= GEMM_MIN_ROWS else C_KERNEL
 
 
 def quant_embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype, impl: str | None = None) -> torch.Tensor:

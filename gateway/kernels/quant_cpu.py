@@ -1,5 +1,5 @@
-"""ctypes binding of the quantized-weight C kernels (cpu/quant_gemv.c, built into cpu_ops'
-library): `linear` returns None wherever they do not apply (no library, no AVX512-VNNI at run
+"""ctypes binding of the quantized-weight C kernels (cpu/quant_gemv.c, quant_bf16.c, quant_f32.c,
+quant_gemm.c, built into cpu_ops' library): `linear` returns None wherever they do not apply (no library, no AVX512-VNNI at run
 time, a dtype other than fp32/bf16, a tensor not on the CPU), and the caller runs the reference."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from gateway.kernels import cpu_ops
 from gateway.kernels import quant_layout as layout
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_fn = None            # {"vnni": quant_linear_vnni, "bf16": ..., "f32": ...}, or False when unavailable
+_fn = None            # {"vnni": quant_linear_vnni, "bf16": ..., "f32": ..., "gemm": quant_gemm_w8a8}, or False
 _rows_fn = None       # the bound quant_rows
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -32,6 +32,7 @@ def _bind():
     global _fn, _rows_fn
     lib = cpu_ops.library()
     fns = {name: getattr(lib, f"quant_linear_{name}", None) if lib is not None else None for name in ("vnni", "bf16", "f32")}
+    fns["gemm"] = getattr(lib, "quant_gemm_w8a8", None) if lib is not None else None
     for f in fns.values():
         if f is not None:
             f.argtypes = [_vp, _i64, _int, _vp, _vp, _vp]
@@ -59,12 +60,15 @@ def _describe(pw) -> tuple[_QWeight, int] | None:
 def linear(x: torch.Tensor, pw, bias: torch.Tensor | None, kernel: str = "vnni") -> torch.Tensor | None:
     """x [M, K] @ pw^T (+ bias) with a C kernel ("vnni": int8 activations, quant_gemv.c; "bf16":
     bf16 activations, 4-bit codes only, quant_bf16.c; "f32": fp32 activations and FMAs,
-    quant_f32.c), or None where it does not apply."""
+    quant_f32.c; "gemm": W8A8, activations int8 per token, weights int8 per output channel
+    only, quant_gemm.c), or None where it does not apply."""
     fns = _fn if _fn is not None else _bind()
     code = _DTYPES.get(x.dtype)
     if not fns or code is None or not x.is_cpu:
         return None
     fn = fns[kernel]
+    if fn is None:
+        return None
     x = x.contiguous()
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
