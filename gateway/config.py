@@ -102,6 +102,12 @@ class Config:
     enforce_eager: bool = _opt(False, "disable CUDA graphs")
     chat_template: str | None = _opt(None, "Jinja chat template file")   # overrides the tokenizer's
     seed: int = _opt(0)
+    # Embeddings (/v1/embeddings, LLM.embed): how the final hidden states of the input become one
+    # vector, L2-normalized. "last" is the default: in a causal LM only the last position has
+    # seen the whole input (what decoder embedding models such as e5-mistral and Qwen3-Embedding
+    # use); "mean" averages every position (the sentence-transformers habit).
+    embedding_pooling: str = _opt("last", "pooling of the final hidden states for embeddings: "
+                                          "last (the last token's) or mean", choices=("last", "mean"))
     cache_dir: str = "~/.cache/gateway"   # converted GGUF models live here
     # multi-host (executor/rendezvous.py): node 0 serves, nodes 1.. run `gateway worker`
     nnodes: int = _dist(1, "hosts the ranks are spread over (node 0 serves HTTP)")

@@ -32,6 +32,7 @@ class FakeEngine:
     choices or none), then one task per request delivers its outputs to the sink."""
     model_name = "fake-model"
     max_model_len = 64
+    embedding_size = 8
 
     def __init__(self, refuse=None, fail_after=None, step_delay=0.0, ready=True):
         self.tokenizer = FakeTokenizer()

@@ -61,3 +61,67 @@ def test_cached_tokens_streamed_chat_usage_chunk(live, client):
     assert again.prompt_tokens_details.cached_tokens == (fresh.prompt_tokens - 1) // 16 * 16 > 0
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert plain.usage.prompt_tokens_details.cached_tokens == again.prompt_tokens_details.cached_tokens
+
+
+# ---- embeddings -----------------------------------------------------------------------------
+
+SENTENCES = [f"sentence number {i} about {'cats' if i % 2 else 'the weather'} and more" * (1 + i % 3)
+             for i in range(64)]
+
+
+def test_embeddings_float_and_base64_decode_to_the_same_unit_vectors(live, client):
+    floats = client.embeddings.create(model=MODEL, input=SENTENCES[:3], encoding_format="float")
+    b64 = client.embeddings.create(model=MODEL, input=SENTENCES[:3], encoding_format="base64")
+    assert [d.index for d in floats.data] == [0, 1, 2]
+    default = client.embeddings.create(model=MODEL, input=SENTENCES[:3])   # the SDK asks base64, decodes it
+    for f, b, d in zip(floats.data, b64.data, default.data):
+        assert len(f.embedding) == 64   # the tiny model's hidden size
+        decoded = np.frombuffer(base64.b64decode(b.embedding), dtype="<f4")   # asked explicitly: left as text
+        np.testing.assert_allclose(f.embedding, decoded, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(f.embedding, d.embedding, rtol=0, atol=1e-7)
+        assert abs(np.linalg.norm(f.embedding) - 1) < 1e-5
+    raw = httpx.post(live.url + "/v1/embeddings", json={"input": "x", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert decoded.shape == (64,)
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens > 0
+    assert live.blocks_in_use() == 0
+
+
+def test_identical_inputs_identical_vectors_and_a_batch_equals_single_calls(live, client):
+    batch = client.embeddings.create(model=MODEL, input=SENTENCES).data
+    assert len(batch) == 64
+    singles = [client.embeddings.create(model=MODEL, input=s).data[0].embedding for s in SENTENCES]
+    np.testing.assert_allclose([d.embedding for d in batch], singles, rtol=0, atol=2e-2)
+    again = client.embeddings.create(model=MODEL, input=SENTENCES[5]).data[0].embedding
+    assert again == singles[5]
+    assert not np.allclose(singles[0], singles[1])   # different inputs, different vectors
+
+
+def test_token_id_inputs_and_dimensions(live, client):
+    ids = live.engine.tokenizer.encode(SENTENCES[0])
+    by_text = client.embeddings.create(model=MODEL, input=SENTENCES[0]).data[0].embedding
+    by_ids = client.embeddings.create(model=MODEL, input=[ids, ids]).data
+    np.testing.assert_allclose(by_ids[0].embedding, by_text, atol=1e-6)
+    short = client.embeddings.create(model=MODEL, input=ids, dimensions=16).data[0].embedding
+    expected = np.asarray(by_text[:16]) / np.linalg.norm(by_text[:16])
+    np.testing.assert_allclose(short, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": "x", "dimensions": 65}, 400, "dimensions"),
+    ({"input": "x", "dimensions": 0}, 400, "dimensions"),
+    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": []}, 400, "input"),
+    ({"input": ""}, 400, "input"),
+    ({"input": [[]]}, 400, "input"),
+    ({"input": [1, 99999999]}, 400, "input"),
+    ({"input": ["a"] * 2049}, 400, "input"),
+    ({"input": [[5] * 600]}, 400, "input"),
+    ({"input": [[5] * 500] * 700}, 413, "input"),
+    ({"input": "x", "pooling": "cls"}, 400, "pooling"),
+    ({}, 400, "input"),
+])
+def test_bad_embedding_requests_name_the_field(live, body, status, param):
+    response = httpx.post(live.url + "/v1/embeddings", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param

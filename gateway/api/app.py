@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 import gateway
 from gateway.api import protocol as P
+from gateway.api.embeddings import embeddings_route
 from gateway.api.errors import APIError, from_exception, invalid, json_response, model_not_found
 from gateway.api.middleware import build_middleware
 from gateway.api.openapi import build_openapi
@@ -49,6 +50,10 @@ class _API:
         prompt = await pipe.encode_chat(req.messages, req.tools)
         job, ctx = pipe.admit(request, req, [prompt], "messages", arrival, "chatcmpl")
         return await pipe.run(request, req, job, ctx, TOOL_CHAT if req.tools and req.tools.active else CHAT)
+
+    @guarded
+    async def embeddings(self, request):
+        return await embeddings_route(self.pipeline, request, await read_json(request))
 
     @guarded
     async def completions(self, request):
@@ -161,6 +166,7 @@ def build_app(engine: EngineClient, config: Config, metrics=None) -> Starlette:
     routes = [
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),

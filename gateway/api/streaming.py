@@ -46,6 +46,7 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_tokens: int = 0
     num_cached_tokens: int = 0            # prefix-cache hit of the prompt, from the first output
+    embedding: list[float] | None = None  # an embedding request's vector, from its last output
     token_times: list[float] = field(default_factory=list)
     first_scheduled_time: float | None = None
     finish_reason: str | None = None      # stop | length | abort | error | rejected
@@ -58,6 +59,8 @@ class ChoiceState:
         if self.first_scheduled_time is None:
             self.first_scheduled_time = out.first_scheduled_time
             self.num_cached_tokens = out.num_cached_tokens
+        if out.embedding is not None:
+            self.embedding = out.embedding
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
             if self.finish_reason == "error":   # out.error is written for the client (core.py logs the cause)

@@ -53,6 +53,7 @@ class AsyncEngine:
         self.tokenizer = core.tokenizer
         self.model_name = config.served_model_name or core.source.name
         self.max_model_len = core.max_model_len
+        self.embedding_size = core.runner.arch.hidden_size   # the length of an embedding vector
         self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
         self._step_listener = step_listener
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()

@@ -29,6 +29,7 @@ class OutputSink(Protocol):
 class EngineClient(Protocol):
     model_name: str
     max_model_len: int
+    embedding_size: int          # /v1/embeddings: the model's hidden size
     tokenizer: object            # len(tokenizer) is the vocabulary size
     draining: bool               # set on SIGTERM: no new work (api/server.py)
 

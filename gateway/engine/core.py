@@ -28,7 +28,7 @@ from gateway.engine.detokenizer import IncrementalDetokenizer
 from gateway.engine.errors import RequestRejectedError, check_context_length
 from gateway.engine.messages import EngineRequest, RequestOutput, StepStats
 from gateway.executor.executor import create_executor
-from gateway.executor.interface import Executor, StepResult
+from gateway.executor.interface import Executor, PooledChunk, StepResult
 from gateway.executor.placement import threads_per_rank
 from gateway.models import registry
 from gateway.models.loader import generation_defaults, load_hf_config, load_tokenizer, resolve_source
@@ -50,6 +50,8 @@ class _Tracked:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     sent_first: bool = False
+    pool_sum: torch.Tensor | None = None   # embeddings: the float32 sum of the hidden states so far
+    pool_count: int = 0
 
 
 def _eos_ids(hf_config, tokenizer, gen_defaults: dict) -> set[int]:
@@ -130,7 +132,13 @@ class EngineCore:
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
             raise RequestRejectedError("the prompt is empty (0 tokens)", "prompt")
-        check_context_length(self.max_model_len, prompt_len, request.params.max_tokens)
+        if request.pooling is None:
+            check_context_length(self.max_model_len, prompt_len, request.params.max_tokens)
+        elif prompt_len > self.max_model_len:   # an embedding generates nothing: the input alone must fit
+            raise RequestRejectedError(f"This model's maximum context length is {self.max_model_len} tokens; "
+                                       f"the input has {prompt_len}.", "prompt", code="context_length_exceeded")
+        if request.pooling not in (None, "last", "mean"):
+            raise RequestRejectedError(f"pooling must be last or mean, not {request.pooling!r}", "pooling")
         vocab = self.runner.arch.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -150,7 +158,7 @@ class EngineCore:
     def admit(self, request: EngineRequest) -> None:
         """Queue an already checked request for scheduling."""
         seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params,
-                       arrival_time=request.arrival_time)
+                       arrival_time=request.arrival_time, pooling=request.pooling)
         if (key := request.params.grammar_key) is not None:
             seq.grammar = self.grammars.new_state(key)   # a deep copy of check_request's template
         self.scheduler.add(seq)
@@ -195,7 +203,30 @@ class EngineCore:
                 elif token is not None:
                     logprob = result.logprobs[i] if result.logprobs is not None else None
                     outputs.append(self._advance_or_fail(entry.seq, token, logprob))
+                elif entry.seq.pooling is not None and (out := self._pool(entry, result.pooled.get(i))):
+                    outputs.append(out)
         return outputs, self._stats(plan)
+
+    def _pool(self, entry, chunk: PooledChunk | None) -> RequestOutput | None:
+        """Add a step's hidden states to an embedding; its output once the prompt is done
+        (Scheduler.update has finished it and freed its blocks). Embeddings never hit the
+        prefix cache, so a chunk starting at 0 is a fresh start, after preemption too."""
+        tracked = self.requests.get(entry.seq.request_id)
+        if tracked is None:
+            return None
+        if chunk is not None:
+            if chunk.start == 0 or tracked.pool_sum is None:
+                tracked.pool_sum, tracked.pool_count = chunk.vector.clone(), chunk.count
+            else:
+                tracked.pool_sum += chunk.vector
+                tracked.pool_count += chunk.count
+        if not entry.samples:
+            return None
+        del self.requests[entry.seq.request_id]
+        vector = torch.nn.functional.normalize(tracked.pool_sum / tracked.pool_count, dim=0)
+        out = self._output(tracked, [], "", None, finished=True, reason="stop")
+        out.embedding = vector.tolist()
+        return out
 
     def _fail_bad_samples(self, scheduled, result: StepResult) -> dict[int, RequestOutput]:
         """The boundary before scheduler.update: a row the sampler reported as failed, or whose

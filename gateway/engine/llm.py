@@ -109,6 +109,25 @@ class LLM:
                         pending.discard(out.request_id)
         return [results[rid] for rid in ids]
 
+    def embed(self, inputs: Prompt | list[Prompt], pooling: str | None = None) -> list[list[float]]:
+        """L2-normalized embeddings of each input (text or token ids), in input order, batched
+        as prefill-only sequences; pooling: "last" or "mean" (default: Config.embedding_pooling)."""
+        single = isinstance(inputs, str) or (inputs and isinstance(inputs[0], int))
+        params = SamplingParams(max_tokens=1, temperature=0)
+        ids = []
+        for prompt in [inputs] if single else list(inputs):
+            ids.append(f"llm-{next(self._ids)}")
+            self.core.add_request(EngineRequest(ids[-1], self.encode(prompt), params,
+                                                pooling=pooling or self.config.embedding_pooling))
+        vectors: dict[str, list[float]] = {}
+        while len(vectors) < len(ids):
+            for out in self.core.step()[0]:
+                if out.finished and out.request_id in ids:
+                    if out.embedding is None:
+                        raise RuntimeError(f"embedding {out.request_id} ended with {out.finish_reason}: {out.error}")
+                    vectors[out.request_id] = out.embedding
+        return [vectors[rid] for rid in ids]
+
     def stream_generate(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False, *,
                         max_gen_len: int | None = None, temperature: float | None = None, top_p: float | None = None,
                         additional_stop_symbols: list[str] | None = None,

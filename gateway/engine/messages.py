@@ -19,6 +19,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    pooling: str | None = None     # "last" | "mean": an embedding (prefill only), not a generation
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RequestOutput:
     num_output_tokens: int = 0                   # total so far
     stop_reason: str | int | None = None         # the stop string or token that ended it
     first_scheduled_time: float | None = None    # monotonic; when the request first got compute
+    embedding: list[float] | None = None         # pooling requests: the L2-normalized vector
 
 
 @dataclass

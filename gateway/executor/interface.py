@@ -19,6 +19,18 @@ class StepResult:
     token_ids: list[int | None]                    # aligned with the scheduler output; None = no sample
     logprobs: list[TokenLogprob | None] | None     # aligned likewise; None when no row asked
     errors: dict[int, str] = field(default_factory=dict)   # row → why its sample is void (fails that request)
+    # Embedding rows (seq.pooling) → this step's part of their vector, on the first rank only.
+    pooled: dict[int, PooledChunk] = field(default_factory=dict)
+
+
+@dataclass
+class PooledChunk:
+    """One step's contribution to an embedding: the float32 sum of the final hidden states of
+    positions [start, start + count) ("mean"), or the last position's alone ("last", count 1,
+    only in the step that computes it)."""
+    vector: object          # torch.Tensor [hidden_size], float32, on the CPU
+    start: int
+    count: int
 
 
 @runtime_checkable

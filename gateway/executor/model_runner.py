@@ -24,7 +24,7 @@ from gateway import kernels
 from gateway.config import Config
 from gateway.executor.batch import build_flat_batch
 from gateway.executor.cuda_graphs import build_cuda_graphs
-from gateway.executor.interface import StepResult
+from gateway.executor.interface import PooledChunk, StepResult
 from gateway.executor.placement import Placement, resolve_placement
 from gateway.models import registry
 from gateway.models.loader import ModelSource
@@ -161,21 +161,47 @@ class ModelRunner:
         hidden = self.cuda_graphs.run(batch) if self.cuda_graphs else None    # decode-only steps
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        pooled = self._pool(scheduled, batch, hidden) if self.parallel is None or self.parallel.rank == 0 else {}
+        # Embedding rows sample nothing; under tensor parallelism every rank still computes the
+        # same logits rows (the gather is a collective the workers join blind).
+        rows = [r for r in batch.sample_rows if self.parallel is not None or r not in pooled]
         tokens: list[int | None] = [None] * len(scheduled)
-        logprobs: list | None = None
-        errors: dict[int, str] = {}
-        if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
-            if logits is None:   # a tensor-parallel worker: rank 0 samples
-                return StepResult(tokens, None)
-            seqs = [scheduled[i].seq for i in batch.sample_rows]
-            sampling = SamplingBatch.build(seqs, logits.shape[-1], self.eos_token_ids, self.device)
-            result = self.sampler(logits, sampling)
-            for row, token in zip(batch.sample_rows, result.token_ids):
-                tokens[row] = token
-            errors = {batch.sample_rows[i]: why for i, why in result.failed.items()}
-            if result.logprobs is not None:
-                logprobs = [None] * len(scheduled)
-                for row, entry in zip(batch.sample_rows, result.logprobs):
-                    logprobs[row] = entry
-        return StepResult(tokens, logprobs, errors)
+        if not rows:
+            return StepResult(tokens, None, pooled=pooled)
+        indices = batch.logits_indices if len(rows) == len(batch.sample_rows) else \
+            batch.logits_indices[[batch.sample_rows.index(r) for r in rows]]
+        logits = self.model.compute_logits(hidden[indices])
+        if logits is None:   # a tensor-parallel worker: rank 0 samples
+            return StepResult(tokens, None)
+        keep = [i for i, r in enumerate(rows) if getattr(scheduled[r].seq, "pooling", None) is None]
+        if len(keep) < len(rows):   # tensor parallelism: drop the embedding rows' logits now
+            rows, logits = [rows[i] for i in keep], logits[keep]
+        if not rows:
+            return StepResult(tokens, None, pooled=pooled)
+        sampling = SamplingBatch.build([scheduled[i].seq for i in rows], logits.shape[-1], self.eos_token_ids,
+                                       self.device)
+        result = self.sampler(logits, sampling)
+        for row, token in zip(rows, result.token_ids):
+            tokens[row] = token
+        logprobs = None
+        if result.logprobs is not None:
+            logprobs = [None] * len(scheduled)
+            for row, entry in zip(rows, result.logprobs):
+                logprobs[row] = entry
+        return StepResult(tokens, logprobs, {rows[i]: why for i, why in result.failed.items()}, pooled)
+
+    @staticmethod
+    def _pool(scheduled, batch, hidden: torch.Tensor) -> dict[int, PooledChunk]:
+        """Each embedding row's share of its vector from this step's final hidden states."""
+        pooled = {}
+        starts = batch.meta.query_start_loc_cpu
+        for row, entry in enumerate(scheduled):
+            mode = getattr(entry.seq, "pooling", None)
+            if mode is None:
+                continue
+            lo, hi = starts[row], starts[row + 1]
+            if mode == "mean":
+                pooled[row] = PooledChunk(hidden[lo:hi].float().sum(0).cpu(), entry.start_position, hi - lo)
+            elif entry.samples:   # "last": only the step that computes the last prompt token
+                pooled[row] = PooledChunk(hidden[hi - 1].float().cpu(), entry.seq.num_tokens - 1, 1)
+        return pooled

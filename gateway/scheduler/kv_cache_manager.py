@@ -59,7 +59,7 @@ class KVCacheManager:
         At most (num_tokens - 1) // block_size blocks, so one token is left to compute
         and the step that computes it samples the next token. Changes nothing."""
         assert seq.num_computed_tokens == 0, "prefix lookup is for sequences being admitted"
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.pooling is not None:
             return [], 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hit_blocks: list[int] = []

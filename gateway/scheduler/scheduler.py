@@ -27,7 +27,8 @@ One step, in order:
               in scheduling order, as the flat batch expects;
   (the model runs the batch; ScheduledSequence.samples says which rows sample a token)
   update()    advance num_computed_tokens, register newly full blocks in the prefix
-              cache, append sampled tokens;
+              cache, append sampled tokens; an embedding sequence (seq.pooling) that
+              computed its last prompt token is finished here, its blocks freed at once;
   (the engine checks stop conditions and calls finish() for the sequences that stop)
 abort() and finish() free a sequence's blocks at once.
 
@@ -300,9 +301,11 @@ class Scheduler:
             seq = scheduled.seq
             if seq.is_finished:
                 continue  # aborted while the step ran; its blocks are already free
-            assert (token_id is not None) == scheduled.samples, \
-                f"{seq.request_id!r}: a token is sampled exactly when the step catches up"
+            assert (token_id is not None) == (scheduled.samples and seq.pooling is None), \
+                f"{seq.request_id!r}: a token is sampled exactly when a generation step catches up"
             seq.num_computed_tokens += scheduled.num_new_tokens
             self.kv_cache.cache_computed_blocks(seq)
             if token_id is not None:
                 seq.append_token(token_id)
+            elif scheduled.samples:   # an embedding's prompt is done: it is never decoded
+                self.finish(seq, "stop")

@@ -41,6 +41,11 @@ class Sequence:
     # sampling.grammar.GrammarState when the request is constrained; dropped when it finishes.
     # Preemption by recompute keeps the output tokens, so the state stays valid across it.
     grammar: object | None = None
+    # "last" | "mean" for an embedding request: prefill only, never decoded (Scheduler.update
+    # finishes it in the step that computes its last prompt token) and never served from the
+    # prefix cache (every position's hidden state is computed, so its vector does not depend
+    # on what happened to be cached).
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
