@@ -26,6 +26,7 @@ from gateway.api.errors import APIError, from_exception, invalid, json_response,
 from gateway.api.middleware import build_middleware
 from gateway.api.openapi import build_openapi
 from gateway.api.pipeline import Pipeline, guarded, read_json
+from gateway.api.responses_api import responses_route
 from gateway.api.sessions import SessionRoutes
 from gateway.api.shapers import CHAT, COMPLETION
 from gateway.api.tool_shape import TOOL_CHAT
@@ -54,6 +55,10 @@ class _API:
     @guarded
     async def embeddings(self, request):
         return await embeddings_route(self.pipeline, request, await read_json(request))
+
+    @guarded
+    async def responses(self, request):
+        return await responses_route(self.pipeline, request, await read_json(request))
 
     @guarded
     async def completions(self, request):
@@ -167,6 +172,7 @@ def build_app(engine: EngineClient, config: Config, metrics=None) -> Starlette:
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+        Route("/v1/responses", api.responses, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),
