@@ -1,4 +1,4 @@
-"""Command line: `gateway serve | generate | chat | check-model | worker`.
+"""Command line: `gateway serve | generate | chat | batch | check-model | worker`.
 
 Parses arguments into one Config and hands it to the command; nothing else reads argv.
 The engine and server flags are generated from Config's field metadata (config.Flag), so
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
     _add_chat_parser(sub)
+    batch = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through the engine, no server; "
+                                         "resumable: ids already in OUTPUT are skipped", allow_abbrev=False)
+    batch.add_argument("input")
+    batch.add_argument("output")
+    batch.add_argument("--model", dest="model_opt", default=None)
+    add_config_flags(batch, "engine")
     check = sub.add_parser("check-model", help="check a model directory against its registered class")
     check.add_argument("path")
     check.add_argument("--model-module", default=None)
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             from gateway.chat import chat_command
             return chat_command(config, _chat_options(args, environ=os.environ))
+        if args.command == "batch":
+            from gateway.batch import batch_command
+            return batch_command(config, args.input, args.output)
         if args.command == "generate":
             from gateway.engine.llm import generate_command
             return generate_command(config, args.prompt, args.max_tokens, args.temperature, not args.no_chat)
