@@ -107,6 +107,16 @@ class FakeEngine:
 
     async def _run(self, request, sink):
         p, scheduled = request.params, time.monotonic()
+        if request.pooling is not None:   # an embedding: one output, a unit vector from the prompt
+            await asyncio.sleep(self.step_delay)
+            self.active.discard(request.request_id)
+            self.tasks.pop(request.request_id, None)
+            raw = [float(sum(request.prompt_token_ids[i::self.embedding_size]) + 1) for i in range(self.embedding_size)]
+            norm = sum(v * v for v in raw) ** 0.5
+            sink.deliver(RequestOutput(request.request_id, [], "", finished=True, finish_reason="stop",
+                                       num_prompt_tokens=len(request.prompt_token_ids),
+                                       embedding=[v / norm for v in raw]))
+            return
         try:
             for i in range(p.max_tokens):
                 await asyncio.sleep(self.step_delay)

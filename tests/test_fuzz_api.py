@@ -42,7 +42,8 @@ LIVE_TIMEOUT_S = 300
 LIVE_DEFAULT_MODEL = os.environ.get("GATEWAY_FUZZ_MODEL") == "default"
 LIVE_STATUSES: Counter = Counter()
 ERROR_KEYS = {"message", "type", "param", "code"}
-POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
+POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/tokenize",
+               "/detokenize"]
 
 APP = build_app(FakeEngine(), Config(max_request_bytes=64 * 1024))
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
@@ -56,7 +57,13 @@ def check_answer(status: int, body: bytes, content_type: str) -> None:
 
 
 def check_stream(body: bytes) -> None:
-    """A 200 stream ends with [DONE]; an error frame, if any, is a client error."""
+    """A 200 stream ends with [DONE] (a Responses stream: with response.completed or
+    .incomplete); an error frame, if any, is a client error."""
+    if body.startswith(b"event: "):
+        events = [orjson.loads(part.split(b"data: ", 1)[1]) for part in body.split(b"\n\n") if b"data: " in part]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete", "error"), body[-300:]
+        assert events[-1].get("code") not in ("engine_dead", "engine_abort"), events[-1]
+        return
     frames = [line[len(b"data: "):] for line in body.split(b"\n\n") if line.startswith(b"data: ")]
     assert frames and frames[-1] == b"[DONE]", body[-300:]
     for frame in frames[:-1]:

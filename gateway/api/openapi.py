@@ -158,6 +158,51 @@ SESSION_CHAT_REQUEST = {
                    "content": {**_STR, "description": "shorthand for one new user message"}},
     "oneOf": [{"required": ["messages"]}, {"required": ["content"]}],
 }
+EMBEDDING_REQUEST = {
+    "type": "object", "required": ["input"], "additionalProperties": False,
+    "properties": {
+        "model": _STR, "user": _STR,
+        "input": {"anyOf": [{**_STR, "minLength": 1}, _TOKEN_IDS,
+                            {"type": "array", "minItems": 1, "maxItems": 2048, "items": {**_STR, "minLength": 1}},
+                            {"type": "array", "minItems": 1, "maxItems": 2048, "items": _TOKEN_IDS}],
+                  "description": "each input within the context; at most 300,000 tokens in all (413)"},
+        "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+        "dimensions": {**_INT, "minimum": 1, "description": "at most the model's hidden size; truncates and "
+                                                            "renormalizes"},
+    },
+    "description": "vectors pooled from the final hidden states (--embedding-pooling last|mean), L2-normalized",
+}
+_RESPONSE_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+                  "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": _STR}}
+_RESPONSE_ITEM = {
+    "type": "object", "required": ["role", "content"], "additionalProperties": False,
+    "properties": {"type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+                   "content": {"anyOf": [_STR, {"type": "array", "items": _RESPONSE_PART,
+                                                "maxItems": MAX_CONTENT_PARTS}]}},
+}
+RESPONSES_REQUEST = {
+    "type": "object", "required": ["input"], "additionalProperties": False,
+    "properties": {
+        "model": _STR, "user": _STR, "metadata": _nullable({"type": "object"}),
+        "input": {"anyOf": [_STR, {"type": "array", "items": _RESPONSE_ITEM, "minItems": 1,
+                                   "maxItems": MAX_MESSAGES}]},
+        "instructions": _nullable({**_STR, "description": "the system message"}),
+        "max_output_tokens": _nullable({**_INT, "minimum": 1}),
+        "temperature": _NULLABLE_SAMPLING["temperature"], "top_p": _NULLABLE_SAMPLING["top_p"],
+        "stream": _nullable(_BOOL),
+        "store": _nullable({"const": False, "description": "stateless: nothing is stored"}),
+        "previous_response_id": {"type": "null", "description": "not supported (400): nothing is stored"},
+        "parallel_tool_calls": _nullable(_BOOL), "tool_choice": _nullable({"enum": ["none", "auto"]}),
+        "truncation": _nullable({"const": "disabled"}),
+        "text": _nullable({"type": "object", "additionalProperties": False, "properties": {"format": {"oneOf": [
+            {"type": "object", "required": ["type"], "additionalProperties": False,
+             "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "name"], "additionalProperties": False,
+             "properties": {"type": {"const": "json_schema"}, "name": {**_STR, "minLength": 1},
+                            "schema": {"type": "object"}, "strict": _BOOL, "description": _STR}}]}}}),
+    },
+    "description": "stateless; SSE events (response.created ... response.completed) when stream=true",
+}
 SESSION_REVERT_REQUEST = {"type": "object", "required": ["turn"], "additionalProperties": False,
                           "properties": {"turn": {**_INT, "minimum": 0,
                                                   "description": "keep turns 0..turn-1, drop the rest"}}}
@@ -210,6 +255,9 @@ def build_openapi(model_name: str, version: str) -> dict:
         "/v1/chat/completions": {"post": _generation("Chat completion (SSE when stream=true)",
                                                      "ChatCompletionRequest")},
         "/v1/completions": {"post": _generation("Text completion (SSE when stream=true)", "CompletionRequest")},
+        "/v1/embeddings": {"post": _generation("Embeddings of one or more inputs", "EmbeddingRequest")},
+        "/v1/responses": {"post": _generation("Responses API, stateless (typed SSE events when stream=true)",
+                                              "ResponsesRequest")},
         "/v1/models": {"get": _op("The served model", errors=())},
         "/v1/models/{model}": {"get": {**_op("One model", errors=(404,)), "parameters": [
             {"name": "model", "in": "path", "required": True, "schema": _STR}]}},
@@ -233,7 +281,8 @@ def build_openapi(model_name: str, version: str) -> dict:
             "schemas": {"ChatCompletionRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST,
                         "TokenizeRequest": TOKENIZE_REQUEST, "DetokenizeRequest": DETOKENIZE_REQUEST,
                         "SessionCreateRequest": SESSION_CREATE_REQUEST, "SessionChatRequest": SESSION_CHAT_REQUEST,
-                        "SessionRevertRequest": SESSION_REVERT_REQUEST, "Error": ERROR},
+                        "SessionRevertRequest": SESSION_REVERT_REQUEST, "Error": ERROR,
+                        "EmbeddingRequest": EMBEDDING_REQUEST, "ResponsesRequest": RESPONSES_REQUEST},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

@@ -34,7 +34,7 @@ UNSUPPORTED = frozenset({"tools", "reasoning", "include", "background", "service
                          "max_tool_calls", "conversation", "stream_options", "safety_identifier",
                          "prompt_cache_key"})
 RENAMED = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
-PART_TYPES = {"input_text", "output_text", "text"}
+PART_TYPES = ("input_text", "output_text", "text")   # a tuple: `in` must not hash client values
 
 
 def _reject(body: dict) -> None:
