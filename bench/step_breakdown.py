@@ -6,6 +6,7 @@ under it, runner.execute includes everything. torch.profiler cannot see the C ke
 
     python bench/step_breakdown.py --batch 1                      # packed GGUF (auto)
     python bench/step_breakdown.py --batch 1 --quantization none  # the same, dequantized to bf16
+    python bench/step_breakdown.py --batch 64 --gemm-min-rows 0   # batched products without W8A8
 """
 import argparse
 import collections
@@ -24,7 +25,11 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"])
 ap.add_argument("--steps", type=int, default=64)
+ap.add_argument("--gemm-min-rows", type=int, default=None,
+                help="rows from which products take the W8A8 kernel (default quant.GEMM_MIN_ROWS; 0: never)")
 args = ap.parse_args()
+if args.gemm_min_rows is not None:
+    quant.GEMM_MIN_ROWS = args.gemm_min_rows or 1 << 30
 acc, calls = collections.Counter(), collections.Counter()
 
 
@@ -41,7 +46,9 @@ def wrap(owner, name, label=None):
     setattr(owner, name, timed)
 
 
+t_load = time.perf_counter()
 llm = LLM(None, quantization=args.quantization)
+print(f"model built in {time.perf_counter() - t_load:.1f} s")
 runner = llm.core.runner
 for n in ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "store_kv", "paged_attention"]:
     wrap(K, n)
@@ -65,6 +72,7 @@ t0 = time.perf_counter()
 for _ in range(args.steps):
     llm.core.step()
 total = (time.perf_counter() - t0) / args.steps * 1e3
-print(f"batch {args.batch}, --quantization {args.quantization}: {total:.2f} ms per decode step (core.step)")
+print(f"batch {args.batch}, --quantization {args.quantization}, W8A8 from {quant.GEMM_MIN_ROWS} rows: "
+      f"{total:.2f} ms per decode step (core.step)")
 for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
     print(f"  {k:<24} {v / args.steps * 1e3:7.2f} ms  {calls[k] / args.steps:6.1f} calls/step")

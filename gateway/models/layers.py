@@ -110,8 +110,16 @@ class Linear(nn.Module):
         return quant.quant_embedding(ids.reshape(-1), self.parts[0], dtype).view(*ids.shape, -1)
 
     def prepack(self) -> None:
-        """CPU bf16: reorder the weight once into oneDNN's blocked layout (AMX-friendly)."""
-        if self.parts is None and self.weight.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
+        """CPU bf16: reorder the weight once into oneDNN's blocked layout (AMX-friendly); a
+        quantized one gets its int8 per-channel copy for batched steps (quant.gemm_weight) now
+        rather than at the first prefill."""
+        if self.parts is not None:
+            if self.weight.dtype == torch.bfloat16 and quant.GEMM_KERNEL:
+                for part in self.parts:
+                    if is_packed(part):
+                        quant.gemm_weight(part)
+            return
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
             try:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, None)
             except (RuntimeError, AttributeError):
