@@ -26,10 +26,10 @@ ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"])
 ap.add_argument("--steps", type=int, default=64)
 ap.add_argument("--gemm-min-rows", type=int, default=None,
-                help="rows from which products take the W8A8 kernel (default quant.GEMM_MIN_ROWS; 0: never)")
+                help="rows from which products take the W8A8 kernel (default quant.GEMM_MIN_ROWS, off unless GATEWAY_QUANT_KERNELS=w8a8; 0: never)")
 args = ap.parse_args()
 if args.gemm_min_rows is not None:
-    quant.GEMM_MIN_ROWS = args.gemm_min_rows or 1 << 30
+    quant.GEMM_MIN_ROWS = args.gemm_min_rows or None
 acc, calls = collections.Counter(), collections.Counter()
 
 

@@ -28,7 +28,7 @@ import gateway
 
 # Top → bottom. Each layer maps component names to the module prefixes they own.
 LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"entry": ("gateway.cli",), "facade": ("gateway",)},
+    {"entry": ("gateway.cli", "gateway.batch"), "facade": ("gateway",)},
     {"api": ("gateway.api",), "chat": ("gateway.chat", "gateway.chat_backends")},
     {"metrics": ("gateway.metrics",)},
     {"engine": ("gateway.engine",)},

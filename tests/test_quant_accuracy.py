@@ -58,7 +58,7 @@ def runs(default_model_dir):
     if quant.GEMM_KERNEL:   # the same weights with the W8A8 kernel's int8 activations per token
         runs += [("packed-a8", None, "auto", True), ("int8-a8", hf, "int8", True)]
     for name, model, mode, int8_activations in runs:
-        quant.GEMM_MIN_ROWS = crossover if int8_activations else 1 << 30   # the prefill is one batch of 328 rows
+        quant.GEMM_MIN_ROWS = quant.GEMM_CROSSOVER if int8_activations else None   # the prefill is one batch of 328 rows
         llm = LLM(model, quantization=mode, dtype="bfloat16", num_kv_blocks=32, max_model_len=512)
         ids = llm.tokenizer.encode(TEXT)
         out[name] = (teacher_forced_logits(llm, ids), llm.core.runner.weight_bytes, ids)

@@ -68,8 +68,9 @@ def test_a_rows_result_does_not_depend_on_the_batch():
 
 
 @GEMM
-def test_the_default_kernel_takes_gemm_from_the_crossover_up_for_bf16_only():
-    rows = quant.GEMM_MIN_ROWS
+def test_the_default_kernel_takes_gemm_from_the_crossover_up_for_bf16_only(monkeypatch):
+    rows = quant.GEMM_CROSSOVER
+    monkeypatch.setattr(quant, "GEMM_MIN_ROWS", rows)   # on, as GATEWAY_QUANT_KERNELS=w8a8 sets it
     pw, x, bias = linear_case("q4_1", rows, 50, 96, torch.bfloat16)
     assert torch.equal(quant.quant_linear(x, pw, bias), quant.quant_linear(x, pw, bias, impl="gemm"))
     below = x[:rows - 1].contiguous()

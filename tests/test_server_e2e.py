@@ -95,8 +95,9 @@ def test_error_paths(client, model, server):
     assert info.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=MSG,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
-    assert info.value.param == "tools"
+                                       tools=[{"type": "function", "function": {"name": "f"}}],
+                                       tool_choice={"type": "function", "function": {"name": "g"}})
+    assert info.value.param == "tool_choice"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=MSG, max_tokens=MAX_MODEL_LEN)
     assert str(MAX_MODEL_LEN) in info.value.message and f"{MAX_MODEL_LEN} for the completion" in info.value.message

@@ -27,6 +27,9 @@ GGUF_QTYPES = frozenset(layout.GGUF_BLOCK_BYTES)
 QTYPES = GGUF_QTYPES | {"int8", "int4"}
 IMPLS = ("c", "gemm", "vnni", "bf16", "f32", "torch")
 _IMPL = os.environ.get("GATEWAY_QUANT_KERNELS", "c")   # "torch" forces the reference everywhere
+_W8A8 = _IMPL == "w8a8"   # the default kernels plus W8A8 for batched products (see GEMM_MIN_ROWS)
+if _W8A8:
+    _IMPL = "c"
 if _IMPL not in IMPLS:
     raise ImportError(f"GATEWAY_QUANT_KERNELS={_IMPL!r}: one of {', '.join(IMPLS)}")
 # The default C kernel for bf16 activations: "bf16" for 4-bit codes, vnni (int8 activations)
@@ -44,7 +47,13 @@ C_KERNEL = "bf16"
 # it is (exact: its scale is per channel already); any other type is requantized once to int8
 # per channel (gemm_weight: not exact, |error| <= half the row's int8 step, a fraction of a
 # 4-bit code's step) and that copy kept beside the packed weight. Crossover: bench/quant_kernels.py.
-GEMM_MIN_ROWS = 16
+# Off by default (GEMM_MIN_ROWS None; GATEWAY_QUANT_KERNELS=w8a8 turns it on from GEMM_CROSSOVER
+# rows): with it, a prompt's greedy answer depended on whether it hit the prefix cache (a hit
+# leaves a prefill chunk under the crossover: bf16 activations instead of int8), which failed
+# test_server_e2e's streamed == non-streamed check, and a fresh-clone run had a `gateway batch`
+# process die of SIGSEGV that was not yet traced. Batch-invariant numerics come first.
+GEMM_CROSSOVER = 16
+GEMM_MIN_ROWS: int | None = GEMM_CROSSOVER if _W8A8 else None
 # NATIVE_KERNELS (module attribute, computed at first read by __getattr__ below, which builds the
 # C library): whether quant_linear runs in C here. Weight loading keeps `--quantization auto`
 # dequantized without them (a dequantize per call is slower than the bf16 path).
@@ -205,7 +214,7 @@ def quant_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
                  impl: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16 or fp32) @ W^T (+ bias) → [M, N] in x.dtype.
 
-    impl: "c" (the default C kernel: for bf16 x "gemm" from GEMM_MIN_ROWS rows up, else
+    impl: "c" (the default C kernel: for bf16 x "gemm" from GEMM_MIN_ROWS rows up when set, else
     `C_KERNEL`; "f32" for fp32 x), "gemm" (W8A8: int8 activations per token against
     gemm_weight(pw), at any M), "vnni" (int8 activations per block, vpdpbusd), "bf16" (bf16 activations, vdpbf16ps; 4-bit codes only,
     8-bit ones take vnni), "f32" (fp32 FMAs), "torch" (the reference). A C kernel that does not apply falls back to the reference. None
@@ -237,7 +246,7 @@ def _gemm_runs() -> bool:
 def _default_kernel(x: torch.Tensor) -> str:
     if x.dtype == torch.float32:
         return "f32"
-    return "gemm" if x.shape[0] >= GEMM_MIN_ROWS else C_KERNEL
+    return "gemm" if GEMM_MIN_ROWS is not None and x.shape[0] >= GEMM_MIN_ROWS else C_KERNEL
 
 
 def quant_embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype, impl: str | None = None) -> torch.Tensor:

@@ -111,10 +111,10 @@ class Linear(nn.Module):
 
     def prepack(self) -> None:
         """CPU bf16: reorder the weight once into oneDNN's blocked layout (AMX-friendly); a
-        quantized one gets its int8 per-channel copy for batched steps (quant.gemm_weight) now
-        rather than at the first prefill."""
+        quantized one gets its int8 per-channel copy for batched steps (quant.gemm_weight) now,
+        when W8A8 is on, rather than at the first prefill."""
         if self.parts is not None:
-            if self.weight.dtype == torch.bfloat16 and quant.GEMM_KERNEL:
+            if self.weight.dtype == torch.bfloat16 and quant.GEMM_MIN_ROWS is not None and quant.GEMM_KERNEL:
                 for part in self.parts:
                     if is_packed(part):
                         quant.gemm_weight(part)
