@@ -24,6 +24,7 @@ from conftest import make_tiny_model
 from gateway.executor.rendezvous import Layout
 from gateway.models.partition import split_layers
 from gateway.sampling.params import SamplingParams
+from test_tensor_parallel import _ready_fails
 
 
 # ---- layout -------------------------------------------------------------------------------
@@ -201,14 +202,3 @@ def test_a_follower_started_alone_gives_up_after_its_timeout():
     finally:
         _stop(proc)
 
-
-def _ready_fails(url: str, deadline: float) -> bool:
-    """/ready answers 503, or the server already stopped listening (it exits after a crash)."""
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 503:
-                return True
-        except httpx.HTTPError:
-            return True
-        time.sleep(0.05)
-    return False
