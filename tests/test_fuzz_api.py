@@ -41,6 +41,14 @@ LIVE_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "50"))
 LIVE_TIMEOUT_S = 300
 LIVE_DEFAULT_MODEL = os.environ.get("GATEWAY_FUZZ_MODEL") == "default"
 LIVE_STATUSES: Counter = Counter()
+PROGRESS_EVERY = 250   # a long run (-s) prints its counts as it goes, so a stopped run still has figures
+
+
+def count_status(status: int) -> None:
+    LIVE_STATUSES[status] += 1
+    if sum(LIVE_STATUSES.values()) % PROGRESS_EVERY == 0:
+        print(f"live fuzz so far: {sum(LIVE_STATUSES.values())} requests, statuses {dict(sorted(LIVE_STATUSES.items()))}",
+              flush=True)
 ERROR_KEYS = {"message", "type", "param", "code"}
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/tokenize",
                "/detokenize"]
@@ -147,7 +155,7 @@ LIVE_SCHEMA = schemathesis.pytest.from_fixture("live_schema")
 @settings(max_examples=max(10, LIVE_EXAMPLES // 100), **SETTINGS)
 def test_schemathesis_cases_never_get_a_server_error_from_the_live_server(case):
     response = case.call(timeout=LIVE_TIMEOUT_S)
-    LIVE_STATUSES[response.status_code] += 1
+    count_status(response.status_code)
     content_type = schemathesis_content_type(response)
     check_answer(response.status_code, response.content, content_type)
     if response.status_code == 200 and content_type.startswith("text/event-stream"):
@@ -203,7 +211,7 @@ def test_nasty_generation_bodies_never_get_a_server_error_from_the_real_engine(l
     route, body = request
     headers = {} if deadline is None else {"X-Request-Timeout": deadline}
     response = httpx.post(live.url + route, json=body, headers=headers, timeout=LIVE_TIMEOUT_S)
-    LIVE_STATUSES[response.status_code] += 1
+    count_status(response.status_code)
     check_answer(response.status_code, response.content, response.headers.get("content-type", ""))
     if response.status_code == 200 and body.get("stream") is True:
         check_stream(response.content)
