@@ -8,8 +8,8 @@ will not write one) is shown as text and never runs; with --api-key the page ask
 fails visibly but cleanly without it and works with it; `--no-web-ui` answers / with a 404.
 A screenshot of a conversation goes to $GATEWAY_SCREENSHOT (default /tmp/gateway-web-ui.png).
 
-Skipped only where Debian's chromium / chromium-driver are not installed
-(`apt-get install chromium chromium-driver`)."""
+Debian's chromium and chromium-driver are installed on first use by scripts/get_chromium.sh
+(apt-get, as root); the tests skip, with the script's reason, only where that cannot be done."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,13 +26,8 @@ import pytest
 
 from live_server import LiveServer
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                       reason="no headless browser: install Debian's chromium and chromium-driver"),
-]
+GET_CHROMIUM = Path(__file__).resolve().parents[1] / "scripts/get_chromium.sh"
+pytestmark = pytest.mark.slow
 STEP_DELAY_S = 0.03     # per engine step: a long answer takes seconds, so it can be watched and stopped
 WAIT_S = 120            # generous: a loaded 2-core box starts Chromium and the engine slowly
 API_KEY = "sk-web-ui-test"
@@ -55,18 +51,31 @@ def live(tiny_llama_dir):
         yield slowed(server)
 
 
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, installing them first where they are missing."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return shutil.which("chromium"), shutil.which("chromedriver")
+    done = subprocess.run(["bash", str(GET_CHROMIUM)], capture_output=True, text=True, timeout=900)
+    if done.returncode == 2:
+        pytest.skip(f"no headless browser: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    browser, driver = done.stdout.split()[-2:]
+    return browser, driver
+
+
 @pytest.fixture
-def browser():
+def browser(chromium):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium[0]
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1100,850"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(chromium[1]), options=options)
     driver.set_script_timeout(WAIT_S)
     yield driver
     driver.quit()
