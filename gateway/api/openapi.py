@@ -23,6 +23,25 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+_STRUCTURED_OPTIONS = {"disable_any_whitespace": _nullable(_BOOL), "disable_fallback": _nullable(_BOOL),
+                       "disable_additional_properties": _nullable({"const": False}),
+                       "whitespace_pattern": {"type": "null"}, "structural_tag": {"type": "null"}}
+_STRUCTURED_KINDS = {
+    "json": {"anyOf": [{"type": "object"}, _STR], "description": "a JSON schema (as guided_json)"},
+    "regex": {**_STR, "description": "the output matches this regex"},
+    "choice": {"type": "array", "items": {**_STR, "minLength": 1}, "minItems": 1, "maxItems": MAX_GUIDED_CHOICES},
+    "grammar": {**_STR, "description": "a lark grammar (llguidance's dialect) or GBNF"},
+    "json_object": {"const": True, "description": "any JSON object"},
+}
+_STRUCTURED_OUTPUTS = {
+    "oneOf": [{"type": "object", "required": [kind], "additionalProperties": False,
+               "properties": {kind: schema, **{k: {"type": "null"} for k in _STRUCTURED_KINDS if k != kind},
+                              **_STRUCTURED_OPTIONS}}
+              for kind, schema in _STRUCTURED_KINDS.items()],
+    "description": "vLLM's StructuredOutputsParams: exactly one constraint; not with response_format, "
+                   "guided_* or tools; whitespace_pattern, structural_tag and disable_additional_properties "
+                   "are not supported (400)"}
+
 _SAMPLING = {
     "model": {**_STR, "description": "must be the served model name when given"},
     "max_tokens": {**_INT, "minimum": 1, "description": "default: the rest of the context window"},
@@ -59,12 +78,14 @@ _SAMPLING = {
              "properties": {"name": {**_STR, "minLength": 1}, "schema": {"type": "object"},
                             "strict": _BOOL, "description": _STR}}}}],
         "description": "constrains the output to JSON (any object, or one matching the schema); "
-                       "at most one of response_format, guided_json, guided_regex, guided_choice, guided_grammar"},
+                       "at most one of response_format, guided_json, guided_regex, guided_choice, guided_grammar, "
+                       "structured_outputs"},
     "guided_json": {"anyOf": [{"type": "object"}, _STR], "description": "vLLM: a JSON schema"},
     "guided_regex": {**_STR, "description": "vLLM: the output matches this regex"},
     "guided_choice": {"type": "array", "items": {**_STR, "minLength": 1}, "minItems": 1,
                       "maxItems": MAX_GUIDED_CHOICES, "description": "vLLM: the output is one of these strings"},
     "guided_grammar": {**_STR, "description": "vLLM: a lark grammar (llguidance's dialect) or GBNF"},
+    "structured_outputs": _STRUCTURED_OUTPUTS,
 }
 _NULLABLE_SAMPLING = {k: _nullable(v) for k, v in _SAMPLING.items()}
 

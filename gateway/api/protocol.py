@@ -8,7 +8,7 @@ Parsing is pure (no engine calls, no I/O) and happens in two steps:
 2. `finalize_params`, called after tokenization, fixes the per-choice max_tokens (by default
    the rest of the context window) and seed; whether they fit is the engine's admission check.
 The exact OpenAI response, chunk and logprobs objects are built in responses.py; structured
-output (`response_format`, `guided_*`) is parsed in structured.py, tool calling (`tools`,
+output (`response_format`, `guided_*`, `structured_outputs`) is parsed in structured.py, tool calling (`tools`,
 `tool_choice`, `parallel_tool_calls`, tool messages) in tools.py.
 
 Accepted although they change nothing we compute: `user`, `metadata` (bookkeeping tags) and
@@ -50,7 +50,7 @@ UNSUPPORTED = frozenset({
     "functions", "function_call",
     "audio", "modalities", "prediction", "logits_processors", "web_search_options", "reasoning_effort",
     "service_tier",
-    "structured_outputs", "verbosity",
+    "verbosity",
 })
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
