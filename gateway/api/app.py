@@ -29,7 +29,7 @@ from gateway.api.pipeline import Pipeline, guarded, read_json
 from gateway.api.responses_api import responses_route
 from gateway.api.sessions import SessionRoutes
 from gateway.api.shapers import CHAT, COMPLETION
-from gateway.api.tool_shape import TOOL_CHAT
+from gateway.api.tool_shape import TOOL_CHATS
 from gateway.api.web_ui import web_ui_routes
 from gateway.config import Config
 from gateway.engine.client import EngineClient
@@ -50,7 +50,8 @@ class _API:
         pipe.check_alive()
         prompt = await pipe.encode_chat(req.messages, req.tools)
         job, ctx = pipe.admit(request, req, [prompt], "messages", arrival, "chatcmpl")
-        return await pipe.run(request, req, job, ctx, TOOL_CHAT if req.tools and req.tools.active else CHAT)
+        return await pipe.run(request, req, job, ctx, TOOL_CHATS[req.tools.format] if req.tools and req.tools.active
+                              else CHAT)
 
     @guarded
     async def embeddings(self, request):

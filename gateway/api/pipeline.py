@@ -29,6 +29,7 @@ from jinja2 import TemplateError
 from starlette.responses import Response
 
 from gateway.api import protocol as P
+from gateway.api import tool_formats
 from gateway.api import tools as T
 from gateway.api.errors import RETRY_AFTER_SECONDS, APIError, from_exception, invalid, json_response, model_not_found
 from gateway.api.shapers import OnComplete, ResponseContext, Shape
@@ -110,10 +111,12 @@ class Pipeline:
 
     def __init__(self, engine: EngineClient, config: Config, metrics=None):
         self.engine, self.config, self.metrics = engine, config, metrics
-        self.info = P.ModelInfo(engine.model_name, len(engine.tokenizer), engine.max_model_len)
         self.tokenizing = Tokenizing(engine)
         template = getattr(engine, "chat_template", None) or getattr(engine.tokenizer, "chat_template", None)
-        self.template_uses_tools = T.template_uses_tools(template if isinstance(template, str) else None)
+        template = template if isinstance(template, str) else None
+        self.template_uses_tools = T.template_uses_tools(template)
+        self.info = P.ModelInfo(engine.model_name, len(engine.tokenizer), engine.max_model_len,
+                                tool_formats.detect(template))
 
     # ---- parse ---------------------------------------------------------------------------
     def check_alive(self) -> None:

@@ -69,6 +69,7 @@ class ModelInfo:
     name: str
     vocab_size: int
     max_model_len: int
+    tool_format: str = tools.HERMES   # the chat template's tool-call format (tool_formats.detect)
 
 
 @dataclass
@@ -252,7 +253,7 @@ def parse_chat(body: dict, info: ModelInfo) -> ChatRequest:
     if top is not None and (not want or not 0 <= top <= MAX_LOGPROBS):
         raise invalid("top_logprobs", f"`top_logprobs` must be in [0, {MAX_LOGPROBS}] with logprobs=true")
     rename = {"max_tokens": "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"}
-    spec = tools.parse_tools(body)
+    spec = tools.parse_tools(body, info.tool_format)
     grammar = spec.grammar() if spec is not None else None
     common = _common(body, info, (top or 0) if want else None, max_tokens, rename, grammar)
     return ChatRequest(messages=messages, tools=spec, **common)

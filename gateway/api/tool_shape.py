@@ -1,5 +1,6 @@
 """The Shape of a chat completion that offers tools (`TOOL_CHAT`): each choice's text
-goes through its own ToolCallParser (tool_calls.py), streamed or not.
+goes through its own ToolCallParser (tool_calls.py) for the template's call format
+(`TOOL_CHATS[format]`, tool_formats.py), streamed or not.
 
 Streamed, per choice: the opening delta {"role": "assistant"} (content null, as OpenAI sends
 it when tools may be called) → per batch of new text, one delta with the content that became
@@ -10,10 +11,13 @@ A choice that made calls and stopped ends with finish_reason "tool_calls"."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from gateway.api import responses as R
 from gateway.api.shapers import ResponseContext, Shape, stream_events
 from gateway.api.streaming import ChoiceState, Delta, Job
 from gateway.api.tool_calls import Event, ToolCallParser
+from gateway.api.tool_formats import FORMATS, HERMES
 
 
 def finish_reason(parser: ToolCallParser, state: ChoiceState) -> str | None:
@@ -47,8 +51,8 @@ def _message(parser: ToolCallParser) -> dict:
     return message
 
 
-def tool_chat_events(job: Job, ctx: ResponseContext, on_complete=None):
-    parsers = [ToolCallParser() for _ in job.states]
+def tool_chat_events(job: Job, ctx: ResponseContext, on_complete=None, fmt: str = HERMES):
+    parsers = [ToolCallParser(fmt=fmt) for _ in job.states]
 
     def choice(d: Delta) -> list[dict]:
         parser = parsers[d.state.index]
@@ -63,10 +67,10 @@ def tool_chat_events(job: Job, ctx: ResponseContext, on_complete=None):
     return stream_events(job, ctx, "chat.completion.chunk", opening, choice, on_complete)
 
 
-def tool_chat_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:
+def tool_chat_result(states: list[ChoiceState], ctx: ResponseContext, fmt: str = HERMES) -> dict:
     choices = []
     for s in states:
-        parser = ToolCallParser()
+        parser = ToolCallParser(fmt=fmt)
         parser.feed("".join(s.text))
         parser.finish()
         lp = R.chat_logprobs(s.logprobs, ctx.token_str) if ctx.logprobs else None
@@ -76,3 +80,4 @@ def tool_chat_result(states: list[ChoiceState], ctx: ResponseContext) -> dict:
 
 
 TOOL_CHAT = Shape(tool_chat_events, tool_chat_result)   # for requests whose tools are active
+TOOL_CHATS = {fmt: Shape(partial(tool_chat_events, fmt=fmt), partial(tool_chat_result, fmt=fmt)) for fmt in FORMATS}

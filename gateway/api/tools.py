@@ -2,19 +2,21 @@
 the message fields that carry past tool calls and tool results; rendering both for the chat
 template; and the lark grammar that constrains a reply to tool calls.
 
-The call format is Hermes-style (what Qwen2.5 and Hermes templates teach their models, and
-what tool_calls.py parses back):
+The call format is by default Hermes-style (what Qwen2.5 and Hermes templates teach their
+models, and what tool_calls.py parses back):
     <tool_call>\\n{"name": NAME, "arguments": {...}}\\n</tool_call>
-one block per call, separated by a newline. A template that reads the `tools` variable
-(`template_uses_tools`) gets the tools and the messages in transformers' form; for one that
-does not (SmolLM2's), the tools are described in a system preamble (as vLLM and llama.cpp do
-for such templates), past calls are written into the assistant's content in the same format
-and tool results become user turns wrapped in <tool_response>.
+one block per call, separated by a newline; a template that teaches Llama 3's JSON calls or
+Mistral's [TOOL_CALLS] gets that format instead (tool_formats.py; ToolSpec.format). A
+template that reads the `tools` variable (`template_uses_tools`) gets the tools and the
+messages in transformers' form; for one that does not (SmolLM2's), the tools are described
+in a system preamble (as vLLM and llama.cpp do for such templates), past calls are written
+into the assistant's content in the same format and tool results become user turns wrapped
+in <tool_response>.
 
 Grammar per choice: `required` → one or more calls (one when parallel_tool_calls is false),
 each call's JSON fixed to a known name and that function's `parameters` schema; a named
-choice → one call of that function; `auto` → either free text that does not start with `<`
-or those calls; `none` → no tools in the prompt and no grammar (a plain answer).
+choice → one call of that function; `auto` → either free text that does not start like a
+call (hermes: `<`, llama3: `{` or `<`, mistral: `[`) or those calls; `none` → no tools in the prompt and no grammar (a plain answer).
 
 For a route: `parse_tools(body)` → ToolSpec or None; `message_fields(...)` per input message;
 `render(messages, spec, template_uses_tools(template))` → (messages, tools for the template);
@@ -28,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.api.errors import invalid
+from gateway.api.tool_formats import FORMATS, HERMES
 from gateway.sampling.grammar import GrammarError, compile_grammar
 
 FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
@@ -63,6 +66,7 @@ class ToolSpec:
     tools: tuple[Tool, ...]
     choice: str            # none | auto | required | the name of the one function to call
     parallel: bool = True
+    format: str = HERMES   # the call format (tool_formats.py) the template teaches its model
 
     @property
     def active(self) -> bool:
@@ -75,25 +79,31 @@ class ToolSpec:
         return self.active and self.choice != "auto"
 
     def grammar(self) -> str | None:
-        """The lark grammar constraining the reply; None for `none`."""
+        """The lark grammar constraining the reply to calls in this spec's format (tool_formats.py);
+        None for `none`."""
         if not self.active:
             return None
+        fmt = FORMATS[self.format]
         offered = [t for t in self.tools if self.choice in ("auto", "required", t.name)]
-        rules = [f"call_{i}: \"{CALL_OPEN}\\n\" %json {json.dumps(call_schema(t))} \"\\n{CALL_CLOSE}\""
-                 for i, t in enumerate(offered)]
-        calls = 'call ("\\n" call)*' if self.parallel and self.choice in ("auto", "required") else "call"
+        def lit(text: str) -> str:   # a lark literal, or nothing for ""
+            return f'"{text}" ' if text else ""
+        rules = [f"call_{i}: {lit(fmt.grammar_call_open)}%json {json.dumps(call_schema(t, fmt.arguments_key))} "
+                 f"{lit(fmt.grammar_call_close)}".rstrip() for i, t in enumerate(offered)]
+        several = self.parallel and self.choice in ("auto", "required")
+        calls = f'call ({lit(fmt.grammar_separator)}call)*' if several else "call"
         start = "start: TEXT | calls" if self.choice == "auto" else "start: calls"
-        lines = [start, f"calls: {calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(offered))), *rules]
+        lines = [start, f"calls: {lit(fmt.grammar_open)}{calls} {lit(fmt.grammar_close)}".rstrip(),
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(offered))), *rules]
         if self.choice == "auto":
-            lines.append(r"TEXT: /[^<](.|\n)*/")
+            lines.append(f"TEXT: /{fmt.text_start}(.|\\n)*/")
         return "\n".join(lines) + "\n"
 
 
-def call_schema(tool: Tool) -> dict:
-    """The JSON of one call: {"name": its name, "arguments": its parameters}, compact."""
+def call_schema(tool: Tool, arguments_key: str = "arguments") -> dict:
+    """The JSON of one call: {"name": its name, arguments_key: its parameters}, compact."""
     schema = {"x-guidance": {"whitespace_flexible": False}, "type": "object",
-              "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
-              "required": ["name", "arguments"], "additionalProperties": False}
+              "properties": {"name": {"const": tool.name}, arguments_key: tool.parameters},
+              "required": ["name", arguments_key], "additionalProperties": False}
     for defs in ("$defs", "definitions"):   # "#/$defs/..." refs resolve against the root
         if isinstance(tool.parameters.get(defs), dict):
             schema[defs] = tool.parameters[defs]
@@ -151,8 +161,9 @@ def _choice(value, tools: tuple[Tool, ...]) -> str:
     return name
 
 
-def parse_tools(body: dict) -> ToolSpec | None:
-    """The request's ToolSpec, or None when it sends none of FIELDS (null counts as absent)."""
+def parse_tools(body: dict, fmt: str = HERMES) -> ToolSpec | None:
+    """The request's ToolSpec (calls in format `fmt`), or None when it sends none of FIELDS
+    (null counts as absent)."""
     if all(body.get(name) is None for name in FIELDS):
         return None
     raw = body.get("tools")
@@ -169,7 +180,7 @@ def parse_tools(body: dict) -> ToolSpec | None:
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise invalid("parallel_tool_calls", "`parallel_tool_calls` must be a boolean", code="invalid_type")
-    return ToolSpec(tools, _choice(body.get("tool_choice"), tools), True if parallel is None else parallel)
+    return ToolSpec(tools, _choice(body.get("tool_choice"), tools), True if parallel is None else parallel, fmt)
 
 
 MESSAGE_FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}   # beyond role and content
