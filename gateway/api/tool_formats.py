@@ -12,10 +12,10 @@ chosen for that model: a template that reads `tools` and mentions [TOOL_CALLS] i
 one that mentions <tool_call> is hermes, one that mentions <|python_tag|> (or ipython and
 "parameters") is llama3; anything else, including a template without tools, is hermes.
 The parser accepts "arguments" or "parameters" in every format; the grammar writes the key the
-format's template uses. Special tokens (<|python_tag|>, [TOOL_CALLS]) are read whether they
-arrive as text or, with skip_special_tokens=false, as the token; the grammar spells the
-[TOOL_CALLS] marker as text (its token id is unknown when a request is parsed) and writes
-llama3 calls bare, which Llama's parser reads too. Pure data, no I/O."""
+format's template uses. The grammar spells the [TOOL_CALLS] marker as text (its token id is
+unknown when a request is parsed; llguidance then keeps the special token out) and writes
+llama3 calls bare, without <|python_tag|>, which Llama's own parser reads too; so the markers
+reach the parser as text, whatever skip_special_tokens says. Pure data, no I/O."""
 
 from __future__ import annotations
 
